@@ -1,0 +1,145 @@
+"""One entry point per op; ``impl`` picks the backend.
+
+impl="auto" picks, in order: native CUDA or Triton for CUDA tensors, the
+native C++ CPU kernel for CPU tensors when the extension is built, else the
+PyTorch reference. "torch", "triton" and "native" force a backend; a forced
+backend that is unavailable raises, while "auto" falls back (with one warning
+for a broken extension, see ``native.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from freezekern.ops import reference
+
+logger = logging.getLogger("freezekern.ops")
+
+IMPLS = ("auto", "torch", "triton", "native")
+_logged_choice: set[tuple[str, str, str]] = set()
+
+
+def _triton_usable(device: torch.device) -> bool:
+    from freezekern.ops import triton_deviation
+
+    return triton_deviation.available(device)
+
+
+def _native_usable(op: str, device: torch.device) -> bool:
+    from freezekern.ops import native
+
+    return native.has_op(op, device)
+
+
+def resolve_impl(op: str, impl: str, device: torch.device) -> str:
+    """Return the concrete backend ("torch" | "triton" | "native") for ``op``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    if impl == "native":
+        if not _native_usable(op, device):
+            from freezekern.ops import native
+
+            raise RuntimeError(
+                f"impl='native' requested for {op} on {device.type}, but {native.unavailable_reason(device)}"
+            )
+        return "native"
+    if impl == "triton":
+        if not _triton_usable(device):
+            raise RuntimeError(
+                f"impl='triton' requested for {op} on {device.type}: Triton is not usable there "
+                "(install triton; on CPU set TRITON_INTERPRET=1 before importing triton)"
+            )
+        return "triton"
+    if device.type == "cuda":
+        chosen = "native" if _native_usable(op, device) else ("triton" if _triton_usable(device) else "torch")
+    else:
+        chosen = "native" if _native_usable(op, device) else "torch"
+    key = (op, device.type, chosen)
+    if key not in _logged_choice:
+        _logged_choice.add(key)
+        logger.debug("impl='auto' for %s on %s -> %s", op, device.type, chosen)
+    return chosen
+
+
+def cosine_deviation(
+    h: torch.Tensor,
+    basis: torch.Tensor,
+    target_row: torch.Tensor,
+    *,
+    norm: str | None = "rms",
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """1 - cos(n(h), basis[target_row]) per row; see ``reference`` for shapes.
+
+    h [N, D] fp32|bf16|fp16, basis [M, D], target_row [N] int64 (< 0 ignored)
+    -> [N] fp32, 0 on ignored rows.
+    """
+    _check_rows("cosine_deviation", h, target_row, "target_row")
+    if basis.dim() != 2 or basis.shape[1] != h.shape[1]:
+        raise ValueError(f"basis must be [M, {h.shape[1]}], got {tuple(basis.shape)}")
+    reference.check_norm_kind(norm)
+    kwargs = dict(norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
+    backend = resolve_impl("cosine_deviation", impl, h.device)
+    if backend == "triton":
+        from freezekern.ops import triton_deviation
+
+        return triton_deviation.cosine_deviation(h, basis, target_row, **kwargs)
+    if backend == "native":
+        from freezekern.ops import native
+
+        return native.cosine_deviation(h, basis, target_row, **kwargs)
+    return reference.cosine_deviation_reference(h, basis, target_row, **kwargs)
+
+
+def logit_lens_deviation(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    norm: str | None = "rms",
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of reading h through the LM head; see ``reference``.
+
+    h [N, D] fp32|bf16|fp16, weight [V, D], target [N] int64 -> [N] fp32,
+    0 where target == ignore_index. Never allocates [N, V].
+    """
+    _check_rows("logit_lens_deviation", h, target, "target")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
+        raise ValueError(f"weight must be [V, {h.shape[1]}], got {tuple(weight.shape)}")
+    reference.check_norm_kind(norm)
+    kwargs = dict(
+        bias=bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+        norm_eps=norm_eps, ignore_index=ignore_index,
+    )
+    backend = resolve_impl("logit_lens_deviation", impl, h.device)
+    if backend == "triton":
+        from freezekern.ops import triton_deviation
+
+        return triton_deviation.logit_lens_deviation(h, weight, target, **kwargs)
+    if backend == "native":
+        from freezekern.ops import native
+
+        return native.logit_lens_deviation(h, weight, target, **kwargs)
+    return reference.logit_lens_deviation_reference(h, weight, target, **kwargs)
+
+
+def _check_rows(op: str, h: torch.Tensor, index: torch.Tensor, name: str) -> None:
+    if h.dim() != 2:
+        raise ValueError(f"{op}: h must be [N, D], got shape {tuple(h.shape)}")
+    if not h.is_floating_point():
+        raise TypeError(f"{op}: h must be a floating tensor, got {h.dtype}")
+    if index.shape != (h.shape[0],):
+        raise ValueError(f"{op}: {name} must be [{h.shape[0]}], got {tuple(index.shape)}")
