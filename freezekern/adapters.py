@@ -228,6 +228,8 @@ def discover(
     spec = ARCHITECTURES.get(model_type)
     notes: list[str] = []
 
+    if spec is not None and not _has_path(model, spec.layers):
+        spec = None  # e.g. a base model without the *ForCausalLM wrapper
     blocks_path = layers or (spec.layers if spec else None)
     if blocks_path is None:
         found = _largest_block_list(model)

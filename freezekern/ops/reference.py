@@ -15,7 +15,8 @@ Shapes and dtypes (shared by every backend):
     weight       [V, D]  LM head weight (logit lens)
     bias         [V]     LM head bias, or None
     target       [N]     int64 token id per row; ``ignore_index`` means ignored
-    returns      [N]     fp32 deviation; ignored rows are 0
+    returns      [N]     fp32 deviation; ignored rows are 0 (fp64 inputs compute
+                         and return fp64: the ground truth for kernel tests)
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def apply_norm(
     norm_bias: torch.Tensor | None,
     norm_eps: float,
 ) -> torch.Tensor:
-    """Final norm of the model applied in fp32: [N, D] any float -> [N, D] fp32."""
+    """Final norm of the model: [N, D] any float -> [N, D] fp32 (fp64 stays fp64)."""
     check_norm_kind(norm)
-    x = h.float()
+    x = h if h.dtype == torch.float64 else h.float()
     if norm == "rms":
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm_eps)
     elif norm == "layer":
@@ -49,9 +50,9 @@ def apply_norm(
         x = (x - mean) * torch.rsqrt(var + norm_eps)
     if norm is not None:
         if norm_weight is not None:
-            x = x * norm_weight.float()
+            x = x * norm_weight.to(x.dtype)
         if norm_bias is not None:
-            x = x + norm_bias.float()
+            x = x + norm_bias.to(x.dtype)
     return x
 
 
@@ -71,7 +72,7 @@ def cosine_deviation_reference(
     """
     x = apply_norm(h, norm, norm_weight, norm_bias, norm_eps)
     counted = target_row >= 0
-    rows = basis[target_row.clamp(min=0)].float() if basis.shape[0] else x.new_zeros(x.shape)
+    rows = basis[target_row.clamp(min=0)].to(x.dtype) if basis.shape[0] else x.new_zeros(x.shape)
     dot = (x * rows).sum(-1)
     denom = x.norm(dim=-1) * rows.norm(dim=-1)
     cos = dot / denom.clamp_min(1e-30)
@@ -103,9 +104,9 @@ def logit_lens_deviation_reference(
     running_sum = x.new_zeros(n_rows)
     for start in range(0, vocab, vocab_chunk):
         stop = min(start + vocab_chunk, vocab)
-        logits = x @ weight[start:stop].float().t()
+        logits = x @ weight[start:stop].to(x.dtype).t()
         if bias is not None:
-            logits = logits + bias[start:stop].float()
+            logits = logits + bias[start:stop].to(x.dtype)
         chunk_max = logits.max(dim=-1).values
         new_max = torch.maximum(running_max, chunk_max)
         running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
@@ -115,7 +116,7 @@ def logit_lens_deviation_reference(
     lse = running_max + torch.log(running_sum)
     counted = target != ignore_index
     safe_target = torch.where(counted, target, torch.zeros_like(target))
-    target_logit = (x * weight[safe_target].float()).sum(-1) if vocab else x.new_zeros(n_rows)
+    target_logit = (x * weight[safe_target].to(x.dtype)).sum(-1) if vocab else x.new_zeros(n_rows)
     if bias is not None:
-        target_logit = target_logit + bias[safe_target].float()
+        target_logit = target_logit + bias[safe_target].to(x.dtype)
     return torch.where(counted, lse - target_logit, torch.zeros_like(lse))

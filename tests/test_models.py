@@ -1,0 +1,44 @@
+"""Default-model cache: complete entries load, incomplete ones are detected and rebuilt."""
+
+import json
+
+import pytest
+
+from freezekern import models
+
+
+def test_cache_marker_detects_incomplete_entries(tmp_path):
+    entry = tmp_path / "m"
+    entry.mkdir()
+    (entry / "model.safetensors").write_bytes(b"x" * 10)
+    assert not models._cache_is_complete(entry)
+    (entry / models.COMPLETE_MARKER).write_text(json.dumps({"files": {"model.safetensors": 10}}))
+    assert models._cache_is_complete(entry)
+    (entry / "model.safetensors").write_bytes(b"x" * 5)  # truncated by an interrupted copy
+    assert not models._cache_is_complete(entry)
+    (entry / models.COMPLETE_MARKER).write_text("{garbage")
+    assert not models._cache_is_complete(entry)
+
+
+def test_parse_dtype():
+    assert models.parse_dtype("bf16") is models.DTYPES["bfloat16"]
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        models.parse_dtype("int8")
+
+
+@pytest.mark.slow
+def test_default_model_cache_is_rebuilt_when_corrupt(default_model, monkeypatch):
+    path = models.default_model_dir()
+    assert models._cache_is_complete(path)
+    weights = next(path.glob("*.safetensors"))
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[: len(original) // 2])
+        assert not models._cache_is_complete(path)
+        model, tokenizer = models.load_default_model()
+        assert models._cache_is_complete(path) and model.config.num_hidden_layers == 30
+        assert model.config.vocab_size == 49152 and model.config.hidden_size == 576
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    finally:
+        if not models._cache_is_complete(path):
+            weights.write_bytes(original)
