@@ -181,3 +181,26 @@ def tiny_model(model_type: str = "llama", *, num_layers: int = 4, hidden: int = 
     model.config._name_or_path = f"tiny-{model_type}"
     model.eval()
     return model
+
+
+SMOLLM2_135M_SHAPE = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
+
+
+def smollm2_shaped_model(dtype=torch.float32, device=None, seed: int = 0):
+    """A randomly initialised llama with SmolLM2-135M's exact shapes.
+
+    For timing and memory benchmarks where the real weights cannot travel
+    (the cost of every op depends on shapes only, not on weight values).
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M_SHAPE), dtype=dtype)
+    model.config._name_or_path = "smollm2-135m-shaped-random"
+    if device is not None:
+        model.to(device)
+    return model.eval()
