@@ -1,0 +1,380 @@
+"""Triton deviation kernels against the reference and an fp64 ground truth.
+
+Without CUDA the kernels run on CPU under the Triton interpreter
+(TRITON_INTERPRET=1, set here when the environment has not set it); shapes
+stay small because the interpreter is slow. With CUDA the same small cases
+run compiled on the GPU, and the ``gpu``-marked cases add realistic shapes.
+
+Accuracy rule for bf16/fp16 (as in flash-attention's tests): the kernel's max
+error against an fp64 ground truth computed from the same inputs must not
+exceed twice the error of a plain PyTorch computation done entirely in the
+input dtype, plus a small atol. fp32 inputs must match the fp32 reference to
+rtol = atol = 1e-5.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import freezekern.ops as ops  # noqa: E402
+from freezekern.ops import reference, triton_deviation  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+if not triton_deviation.available(DEVICE):
+    pytest.skip(
+        f"Triton kernels not usable on {DEVICE.type} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})",
+        allow_module_level=True,
+    )
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NORMS = ["rms", "layer", None]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _make_h(n: int, d: int, dtype: torch.dtype, layout: str, g: torch.Generator, scale: float = 1.0):
+    """[n, d] hidden states: 'contig', 'strided' (every other column) or 'transposed'."""
+    if layout == "contig":
+        base = torch.randn(n, d, generator=g) * scale
+        h = base.to(dtype).to(DEVICE)
+    elif layout == "strided":
+        base = torch.randn(n, 2 * d, generator=g) * scale
+        h = base.to(dtype).to(DEVICE)[:, ::2]
+    elif layout == "transposed":
+        base = torch.randn(d, n, generator=g) * scale
+        h = base.to(dtype).to(DEVICE).t()
+    else:
+        raise ValueError(layout)
+    assert h.shape == (n, d)
+    if layout != "contig" and n > 1 and d > 1:
+        assert not h.is_contiguous()
+    return h
+
+
+def _norm_params(d: int, norm, dtype, g, with_weight=True, with_bias=True):
+    w = (torch.rand(d, generator=g) + 0.5).to(dtype).to(DEVICE) if with_weight else None
+    b = (0.1 * torch.randn(d, generator=g)).to(dtype).to(DEVICE) if with_bias else None
+    return w, b
+
+
+def _naive_norm(h, norm, w, b, eps, dtype):
+    """The final norm computed entirely in ``dtype`` (fp64: ground truth)."""
+    x = h.to(dtype)
+    if norm == "rms":
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    elif norm == "layer":
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + eps)
+    if norm is not None:
+        if w is not None:
+            x = x * w.to(dtype)
+        if b is not None:
+            x = x + b.to(dtype)
+    return x
+
+
+def _naive_cosine(h, basis, target_row, norm, w, b, eps, dtype):
+    x = _naive_norm(h, norm, w, b, eps, dtype)
+    rows = basis.to(dtype)[target_row.clamp(min=0)]
+    cos = (x * rows).sum(-1) / (x.norm(dim=-1) * rows.norm(dim=-1)).clamp_min(1e-30)
+    out = torch.where(target_row >= 0, 1 - cos, torch.zeros_like(cos))
+    return out.double()
+
+
+def _naive_lens(h, weight, target, bias, norm, w, b, eps, ignore_index, dtype):
+    """Full [N, V] logits in ``dtype``: fine for test sizes only."""
+    x = _naive_norm(h, norm, w, b, eps, dtype)
+    logits = x @ weight.to(dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    counted = target != ignore_index
+    safe = torch.where(counted, target, torch.zeros_like(target))
+    ce = torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None])[:, 0]
+    return torch.where(counted, ce, torch.zeros_like(ce)).double()
+
+
+def _assert_accuracy(out, gt, naive_low, ref32, dtype, atol, fp32_atol=1e-5):
+    """fp32: match the fp32 reference; 16-bit: at most 2x the same-dtype error + atol."""
+    assert out.dtype == torch.float32 and out.shape == gt.shape
+    assert torch.isfinite(out).all()
+    if out.numel() == 0:
+        return
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, rtol=1e-5, atol=fp32_atol)
+        return
+    err = (out.double() - gt).abs().max().item()
+    err_low = (naive_low - gt).abs().max().item()
+    assert err <= 2 * err_low + atol, f"kernel err {err:.3g} vs same-dtype torch err {err_low:.3g}"
+
+
+# --------------------------------------------------------------------------
+# cosine
+# --------------------------------------------------------------------------
+# (N, D, layout, ignored rows present, norm weight, norm bias)
+COS_CASES = [
+    (0, 64, "contig", False, True, True),
+    (1, 59, "strided", False, True, False),
+    (37, 59, "transposed", True, True, True),
+    (130, 64, "contig", True, False, False),
+    (37, 576, "strided", True, True, True),
+]
+
+
+def _check_cosine(dtype, norm, n, d, layout, ignore, with_w, with_b, seed=0, **kw):
+    g = _gen(seed)
+    m = 11
+    h = _make_h(n, d, dtype, layout, g)
+    w, b = _norm_params(d, norm, dtype, g, with_w, with_b)
+    basis = torch.randn(m, d, generator=g).to(dtype).to(DEVICE)
+    lo = -1 if ignore else 0
+    target_row = torch.randint(lo, m, (n,), generator=g).to(DEVICE)
+    eps = 1e-6
+    out = triton_deviation.cosine_deviation(
+        h, basis, target_row, norm=norm, norm_weight=w, norm_bias=b, norm_eps=eps, **kw
+    )
+    ref32 = reference.cosine_deviation_reference(
+        h, basis, target_row, norm=norm, norm_weight=w, norm_bias=b, norm_eps=eps
+    )
+    gt = _naive_cosine(h, basis, target_row, norm, w, b, eps, torch.float64)
+    low = _naive_cosine(h, basis, target_row, norm, w, b, eps, dtype)
+    _assert_accuracy(out, gt, low, ref32, dtype, atol=1e-4)
+    if ignore and n:
+        assert (out[target_row < 0] == 0).all()
+
+
+@pytest.mark.parametrize("case", COS_CASES, ids=lambda c: f"N{c[0]}-D{c[1]}-{c[2]}")
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_matches_reference(dtype, norm, case):
+    _check_cosine(dtype, norm, *case)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_looped_over_d(dtype, norm):
+    """D larger than the D block: statistics pass(es), then the dot pass."""
+    _check_cosine(dtype, norm, 37, 59, "strided", True, True, True, seed=1, _max_block_d=16)
+    _check_cosine(dtype, norm, 5, 576, "transposed", False, True, True, seed=2, _max_block_d=128)
+
+
+def test_cosine_zero_rows_and_all_ignored():
+    g = _gen(3)
+    h = _make_h(9, 59, torch.float32, "contig", g)
+    h[0] = 0  # zero row: cos clamps its denominator, deviation 1
+    basis = torch.randn(4, 59, generator=g).to(DEVICE)
+    tr = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0], device=DEVICE)
+    out = triton_deviation.cosine_deviation(h, basis, tr, norm=None)
+    ref = reference.cosine_deviation_reference(h, basis, tr, norm=None)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out[0].item() == 1.0
+    out = triton_deviation.cosine_deviation(h, basis, torch.full((9,), -1, device=DEVICE))
+    assert (out == 0).all()
+
+
+def test_cosine_index_out_of_range_is_nan():
+    g = _gen(4)
+    h = _make_h(3, 16, torch.float32, "contig", g)
+    basis = torch.randn(2, 16, generator=g).to(DEVICE)
+    out = triton_deviation.cosine_deviation(h, basis, torch.tensor([0, 2, -1], device=DEVICE))
+    assert torch.isfinite(out[0]) and torch.isnan(out[1]) and out[2] == 0
+
+
+# --------------------------------------------------------------------------
+# logit lens
+# --------------------------------------------------------------------------
+# (N, D, V, layout, bias, ignored rows present, vocab splits)
+LENS_CASES = [
+    (0, 64, 127, "contig", True, True, None),
+    (1, 59, 1, "strided", True, False, None),
+    (37, 59, 127, "transposed", True, True, None),
+    (130, 64, 1000, "contig", False, True, 3),
+    (37, 576, 300, "strided", True, False, None),
+]
+
+
+def _check_lens(
+    dtype, norm, n, d, v, layout, with_bias, ignore, splits=None, *, seed=0, weight_scale=1.0,
+    weight_dtype=None, ignore_index=-100, all_ignored=False, atol=2e-3, fp32_atol=1e-5, **kw,
+):
+    g = _gen(seed)
+    h = _make_h(n, d, dtype, layout, g)
+    w, b = _norm_params(d, norm, dtype, g)
+    weight = (weight_scale * torch.randn(v, d, generator=g)).to(weight_dtype or dtype).to(DEVICE)
+    bias = torch.randn(v, generator=g).to(weight_dtype or dtype).to(DEVICE) if with_bias else None
+    target = torch.randint(0, v, (n,), generator=g)
+    if ignore:
+        target[torch.rand(n, generator=g) < 0.3] = ignore_index
+    if all_ignored:
+        target[:] = ignore_index
+    target = target.to(DEVICE)
+    eps = 1e-5
+    common = dict(bias=bias, norm=norm, norm_weight=w, norm_bias=b, norm_eps=eps, ignore_index=ignore_index)
+    out = triton_deviation.logit_lens_deviation(h, weight, target, _vocab_splits=splits, **common, **kw)
+    ref32 = reference.logit_lens_deviation_reference(h, weight, target, **common)
+    gt = _naive_lens(h, weight, target, bias, norm, w, b, eps, ignore_index, torch.float64)
+    low_dtype = dtype if weight.dtype == dtype else torch.float32
+    low = _naive_lens(h, weight, target, bias, norm, w, b, eps, ignore_index, low_dtype)
+    _assert_accuracy(out, gt, low, ref32, low_dtype, atol=atol, fp32_atol=fp32_atol)
+    if n:
+        assert (out[target == ignore_index] == 0).all()
+    return out
+
+
+@pytest.mark.parametrize("case", LENS_CASES, ids=lambda c: f"N{c[0]}-D{c[1]}-V{c[2]}-{c[3]}")
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_lens_matches_reference(dtype, norm, case):
+    _check_lens(dtype, norm, *case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_lens_large_logits(dtype):
+    """Weights x100: logits in the thousands; the online logsumexp must not overflow.
+
+    lse - target cancels two numbers of ~4e3, so fp32 gets an atol of ~1e-5 of that.
+    """
+    out = _check_lens(
+        dtype, "rms", 37, 64, 300, "contig", True, True, 2, seed=5, weight_scale=100.0, atol=0.5, fp32_atol=0.05
+    )
+    assert out.abs().max() > 50
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_logit_lens_vocab_splits(splits):
+    _check_lens(torch.bfloat16, "rms", 37, 59, 1000, "transposed", True, True, splits, seed=6)
+
+
+@pytest.mark.parametrize("v", [1, 20, 64, 65])
+def test_logit_lens_vocab_vs_tile(v):
+    """V below one tile, exactly one tile, one past a tile."""
+    _check_lens(torch.float32, "layer", 37, 59, v, "strided", True, True, seed=7)
+
+
+def test_logit_lens_all_ignored():
+    out = _check_lens(torch.bfloat16, "rms", 37, 59, 127, "contig", True, True, all_ignored=True)
+    assert (out == 0).all()
+
+
+def test_logit_lens_custom_ignore_index():
+    _check_lens(torch.float32, None, 37, 59, 127, "contig", False, True, seed=8, ignore_index=0)
+
+
+def test_logit_lens_looped_over_d():
+    _check_lens(torch.bfloat16, "layer", 37, 59, 127, "strided", True, True, seed=9, _max_block_d=16)
+    _check_lens(torch.float32, "rms", 37, 59, 127, "transposed", True, True, seed=9, _max_block_d=16)
+
+
+@pytest.mark.parametrize(("h_dtype", "w_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_logit_lens_mixed_dtypes(h_dtype, w_dtype):
+    """Mixed inputs take the fp32 matmul path."""
+    _check_lens(h_dtype, "rms", 37, 59, 127, "contig", True, True, seed=10, weight_dtype=w_dtype)
+
+
+def test_logit_lens_target_out_of_range_is_nan():
+    g = _gen(11)
+    h = _make_h(3, 16, torch.float32, "contig", g)
+    weight = torch.randn(5, 16, generator=g).to(DEVICE)
+    out = triton_deviation.logit_lens_deviation(h, weight, torch.tensor([1, 5, -100], device=DEVICE))
+    assert torch.isfinite(out[0]) and torch.isnan(out[1]) and out[2] == 0
+
+
+# --------------------------------------------------------------------------
+# availability and dispatch
+# --------------------------------------------------------------------------
+def test_available(monkeypatch):
+    assert triton_deviation.available(DEVICE)
+    assert not triton_deviation.available(torch.device("meta"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not triton_deviation.available("cpu")
+    if DEVICE.type == "cpu":  # triton was imported in interpreter mode
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert triton_deviation.available("cpu")
+
+
+def test_dispatch_uses_triton():
+    g = _gen(12)
+    h = _make_h(37, 59, torch.bfloat16, "strided", g)
+    basis = torch.randn(7, 59, generator=g).to(DEVICE)
+    tr = torch.randint(-1, 7, (37,), generator=g).to(DEVICE)
+    torch.testing.assert_close(
+        ops.cosine_deviation(h, basis, tr, impl="triton"),
+        ops.cosine_deviation(h, basis, tr, impl="torch"),
+        rtol=1e-5, atol=1e-5,
+    )
+    weight = torch.randn(127, 59, generator=g).to(DEVICE)
+    target = torch.randint(0, 127, (37,), generator=g).to(DEVICE)
+    assert ops.resolve_impl("logit_lens_deviation", "triton", DEVICE) == "triton"
+    torch.testing.assert_close(
+        ops.logit_lens_deviation(h, weight, target, impl="triton"),
+        ops.logit_lens_deviation(h, weight, target, impl="torch"),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+# --------------------------------------------------------------------------
+# GPU: realistic shapes (compiled kernels, autotuned)
+# --------------------------------------------------------------------------
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [576, 2048, 4096])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_gpu_cosine_realistic(d, norm):
+    g = _gen(20)
+    n, m = 4096, 2000
+    h = _make_h(n, d, torch.bfloat16, "contig", g)
+    w, b = _norm_params(d, norm, torch.bfloat16, g, with_bias=norm == "layer")
+    basis = torch.randn(m, d, generator=g).to(DEVICE)
+    tr = torch.randint(-1, m, (n,), generator=g).to(DEVICE)
+    out = triton_deviation.cosine_deviation(h, basis, tr, norm=norm, norm_weight=w, norm_bias=b)
+    gt = _naive_cosine(h, basis, tr, norm, w, b, 1e-6, torch.float64)
+    low = _naive_cosine(h, basis, tr, norm, w, b, 1e-6, torch.bfloat16)
+    _assert_accuracy(out, gt, low, None, torch.bfloat16, atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(("d", "v"), [(576, 49152), (2048, 50257), (4096, 50257)])
+def test_gpu_logit_lens_realistic(d, v):
+    g = _gen(21)
+    n = 4096
+    h = _make_h(n, d, torch.bfloat16, "contig", g, scale=3.0)
+    w, b = _norm_params(d, "rms", torch.bfloat16, g, with_bias=False)
+    weight = (torch.randn(v, d, generator=g) / d**0.5 * 4).to(torch.bfloat16).to(DEVICE)
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.rand(n, generator=g) < 0.1] = -100
+    target = target.to(DEVICE)
+    out = triton_deviation.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=w)
+    # fp32 chunked reference as ground truth (fp64 logits would not fit comfortably)
+    gt = reference.logit_lens_deviation_reference(h, weight, target, norm="rms", norm_weight=w).double()
+    low = _naive_lens(h, weight, target, None, "rms", w, None, 1e-6, -100, torch.bfloat16)
+    _assert_accuracy(out, gt, low, None, torch.bfloat16, atol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_logit_lens_fp32_no_tf32():
+    g = _gen(22)
+    n, d, v = 1024, 2048, 32000
+    h = _make_h(n, d, torch.float32, "strided", g)
+    w, b = _norm_params(d, "layer", torch.float32, g)
+    weight = (torch.randn(v, d, generator=g) / d**0.5 * 4).to(DEVICE)
+    bias = torch.randn(v, generator=g).to(DEVICE)
+    target = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    common = dict(bias=bias, norm="layer", norm_weight=w, norm_bias=b)
+    out = triton_deviation.logit_lens_deviation(h, weight, target, **common)
+    ref = reference.logit_lens_deviation_reference(h, weight, target, **common)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
