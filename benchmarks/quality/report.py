@@ -7,14 +7,15 @@ import statistics
 from pathlib import Path
 
 
-def _runs_for(runs: dict, task: str, boundary: int, lora: bool, lr: float, seeds) -> list[dict]:
+def _runs_for(runs: dict, meta: dict, task: str, boundary: int, lora: bool, lr: float, seeds) -> list[dict]:
     from study import run_key
 
-    return [runs[k] for k in (run_key(task, boundary, lora, lr, s) for s in seeds) if k in runs]
+    keys = (run_key(task, boundary, lora, lr, s, meta["steps"]) for s in seeds)
+    return [runs[k] for k in keys if k in runs]
 
 
 def arm_summary(meta: dict, runs: dict, task: str) -> list[dict]:
-    """Per arm: the learning rate with the best mean held-out loss, and that loss over seeds."""
+    """Per arm: the learning rate with the best held-out loss on the sweep seed, and that loss over seeds."""
     rows, seen = [], set()
     for arm, boundary, lora, _lr, _seed in meta["tasks"][task]["jobs"]:
         if arm == "sweep" or arm in seen:
@@ -22,10 +23,11 @@ def arm_summary(meta: dict, runs: dict, task: str) -> list[dict]:
         seen.add(arm)
         by_lr = {}
         for lr_ in (meta["lora_lrs"] if lora else meta["full_lrs"]):
-            found = _runs_for(runs, task, boundary, lora, lr_, meta["seeds"])
+            found = _runs_for(runs, meta, task, boundary, lora, lr_, meta["seeds"])
             if found:
                 by_lr[lr_] = found
-        best_lr = min(by_lr, key=lambda x: statistics.mean(r["held_out_loss"] for r in by_lr[x]))
+        sweep_seed = meta["lr_sweep_seed"]
+        best_lr = min(by_lr, key=lambda x: min(r["held_out_loss"] for r in by_lr[x] if r["seed"] == sweep_seed))
         best = by_lr[best_lr]
         losses = [r["held_out_loss"] for r in best]
         rows.append({
@@ -44,7 +46,7 @@ def sweep_rows(meta: dict, runs: dict, task: str) -> list[dict]:
     for arm, boundary, lora, lr, seed in meta["tasks"][task]["jobs"]:
         if arm != "sweep":
             continue
-        found = _runs_for(runs, task, boundary, lora, lr, [seed])
+        found = _runs_for(runs, meta, task, boundary, lora, lr, [seed])
         if found:
             r = found[0]
             rows.append({"k": boundary, "loss": r["held_out_loss"], "step": r["step_time_s"],

@@ -167,7 +167,7 @@ def train_run(base, task: Task, *, boundary: int, lora: bool, lr: float, seed: i
     wall = time.perf_counter() - started
     result = {
         "held_out_loss": held_out_loss(model, task.eval_batches),
-        "train_loss_last": float(loss),
+        "train_loss_last": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in params),
         "step_time_s": statistics.median(step_times[1:] if len(step_times) > 1 else step_times),
         "peak_mem_mib": memory.peak_bytes / 2**20,
@@ -194,8 +194,8 @@ def arms_for(task: Task, base, num_layers: int, plans: dict) -> list[dict]:
     return arms
 
 
-def run_key(task: str, boundary: int, lora: bool, lr: float, seed: int) -> str:
-    return f"{task}|k={boundary}|lora={int(lora)}|lr={lr:g}|seed={seed}"
+def run_key(task: str, boundary: int, lora: bool, lr: float, seed: int, steps: int) -> str:
+    return f"{task}|k={boundary}|lora={int(lora)}|lr={lr:g}|seed={seed}|steps={steps}"
 
 
 def load_runs(path: Path) -> dict[str, dict]:
@@ -206,6 +206,22 @@ def load_runs(path: Path) -> dict[str, dict]:
                 record = json.loads(line)
                 runs[record["key"]] = record
     return runs
+
+
+def run_jobs(jobs: list[tuple], runs: dict, runs_path: Path, base, task: Task, steps: int) -> None:
+    """Train every job not yet in ``runs``; append each result to ``runs_path`` as it finishes."""
+    for index, (arm, boundary, lora, lr, seed) in enumerate(jobs):
+        key = run_key(task.name, boundary, lora, lr, seed, steps)
+        if key not in runs:
+            result = train_run(base, task, boundary=boundary, lora=lora, lr=lr, seed=seed, steps=steps)
+            runs[key] = {"key": key, "task": task.name, "boundary": boundary, "lora": lora, "lr": lr,
+                         "seed": seed, "steps": steps, **result}
+            with open(runs_path, "a") as f:
+                f.write(json.dumps(runs[key]) + "\n")
+        r = runs[key]
+        print(f"[{task.name} {index + 1}/{len(jobs)}] {arm:16s} k={boundary:2d} lr={lr:g} seed={seed}: "
+              f"held-out {r['held_out_loss']:.4f}, step {r['step_time_s']:.2f} s, "
+              f"peak {r['peak_mem_mib']:.0f} MiB", flush=True)
 
 
 def main(argv=None) -> int:
@@ -232,13 +248,15 @@ def main(argv=None) -> int:
         full_lrs, lora_lrs = FULL_LRS[:1], LORA_LRS[:1]
     else:
         base, tokenizer = fk.load_default_model()
-        steps, seeds = args.steps or 30, args.seeds or [0, 1]
+        steps, seeds = args.steps or 20, args.seeds or [0, 1]
         sizes = {"code": (128, 4), "chat": (96, 6)}
-        eval_tokens, calib_tokens = 4096, 2048
+        eval_tokens, calib_tokens = 3072, 2048
         full_lrs, lora_lrs = FULL_LRS, LORA_LRS
     num_layers = fk.discover(base).num_layers
+    sweep_lr = full_lrs[-1] if args.quick else SWEEP_LR
     meta = {"model": base.config._name_or_path, "num_layers": num_layers, "steps": steps, "seeds": seeds,
-            "full_lrs": full_lrs, "lora_lrs": lora_lrs, "sweep_lr": SWEEP_LR, "threads": torch.get_num_threads(),
+            "lr_sweep_seed": seeds[0],
+            "full_lrs": full_lrs, "lora_lrs": lora_lrs, "sweep_lr": sweep_lr, "threads": torch.get_num_threads(),
             "tasks": {}}
     for task_name in args.tasks:
         seq_len, batch_size = sizes[task_name]
@@ -259,26 +277,21 @@ def main(argv=None) -> int:
         }
         print(f"[{task_name}] baseline held-out loss {baseline:.4f}; boundaries "
               + ", ".join(f"{n}={p.boundary}" for n, p in plans.items()), flush=True)
-        jobs = []
-        for arm in arms_for(task, base, num_layers, plans):
-            for lr in (lora_lrs if arm["lora"] else full_lrs):
-                for seed in seeds:
-                    jobs.append((arm["arm"], arm["boundary"], arm["lora"], lr, seed))
+        arms = arms_for(task, base, num_layers, plans)
+        # Learning rates are swept on the first seed; the other seeds repeat each arm's best rate.
+        jobs = [(a["arm"], a["boundary"], a["lora"], lr, seeds[0]) for a in arms
+                for lr in (lora_lrs if a["lora"] else full_lrs)]
         grid = sorted({round(i * (num_layers - 1) / (args.sweep_points - 1)) for i in range(args.sweep_points)})
-        for k in grid:
-            jobs.append(("sweep", k, False, full_lrs[-1] if args.quick else SWEEP_LR, seeds[0]))
-        for index, (arm, boundary, lora, lr, seed) in enumerate(jobs):
-            key = run_key(task_name, boundary, lora, lr, seed)
-            if key not in runs:
-                result = train_run(base, task, boundary=boundary, lora=lora, lr=lr, seed=seed, steps=steps)
-                runs[key] = {"key": key, "task": task_name, "boundary": boundary, "lora": lora, "lr": lr,
-                             "seed": seed, **result}
-                with open(runs_path, "a") as f:
-                    f.write(json.dumps(runs[key]) + "\n")
-            r = runs[key]
-            print(f"[{task_name} {index + 1}/{len(jobs)}] {arm:16s} k={boundary:2d} lr={lr:g} seed={seed}: "
-                  f"held-out {r['held_out_loss']:.4f}, step {r['step_time_s']:.2f} s, "
-                  f"peak {r['peak_mem_mib']:.0f} MiB", flush=True)
+        jobs += [("sweep", k, False, sweep_lr, seeds[0]) for k in grid]
+        run_jobs(jobs, runs, runs_path, base, task, steps)
+        repeats = []
+        for a in arms:
+            rates = lora_lrs if a["lora"] else full_lrs
+            best = min(rates, key=lambda lr, a=a: runs[run_key(task_name, a["boundary"], a["lora"], lr, seeds[0],
+                                                               steps)]["held_out_loss"])
+            repeats += [(a["arm"], a["boundary"], a["lora"], best, seed) for seed in seeds[1:]]
+        run_jobs(repeats, runs, runs_path, base, task, steps)
+        jobs += repeats
         meta["tasks"][task_name]["jobs"] = [list(j) for j in jobs]
     (out / "study.json").write_text(json.dumps(meta, indent=2))
     from report import write_report
