@@ -1,27 +1,51 @@
-"""Peak-memory measurement for benchmarks: RSS sampling on CPU, the allocator on CUDA."""
+"""Peak-memory measurement for benchmarks: peak RSS on CPU, the allocator on CUDA."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _rss_high_water_mark() -> int | None:
+    """VmHWM of this process in bytes (Linux), or None where /proc does not have it."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
 
 
 class PeakMemory:
     """Context manager measuring the peak extra memory of the enclosed code, in bytes.
 
-    On CUDA it reads ``torch.cuda.max_memory_allocated`` relative to the
-    allocation at entry. On CPU it samples the process RSS every
-    ``interval`` seconds in a thread (peaks shorter than that can be missed)
-    relative to the RSS at entry. ``peak_bytes`` holds the result.
+    CUDA: ``torch.cuda.max_memory_allocated`` relative to the allocation at
+    entry. CPU on Linux: the kernel's peak-RSS counter (VmHWM), reset at entry,
+    minus the RSS at entry; elsewhere RSS sampled every ``interval`` seconds in
+    a thread (short peaks can be missed). ``peak_bytes`` holds the result.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002):
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.02):
         self.device = torch.device(device)
         self.interval = interval
         self.peak_bytes = 0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -33,6 +57,8 @@ class PeakMemory:
 
         self._process = psutil.Process()
         self._base = self._process.memory_info().rss
+        if _reset_high_water_mark() and _rss_high_water_mark() is not None:
+            return self
         self._max = self._base
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -47,6 +73,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        if self._thread is None:
+            self.peak_bytes = max(0, _rss_high_water_mark() - self._base)
             return
         self._stop.set()
         self._thread.join()

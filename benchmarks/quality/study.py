@@ -232,8 +232,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", default=["code", "chat"], choices=["code", "chat"])
     parser.add_argument("--sweep-points", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 keeps step times comparable on a shared machine")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.jsonl"
