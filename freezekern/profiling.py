@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 import time
 from pathlib import Path
@@ -23,6 +26,17 @@ def _rss_high_water_mark() -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so RSS at entry counts live memory only."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _reset_high_water_mark() -> bool:
     try:
         _CLEAR_REFS.write_text("5")  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
@@ -35,8 +49,9 @@ class PeakMemory:
     """Context manager measuring the peak extra memory of the enclosed code, in bytes.
 
     CUDA: ``torch.cuda.max_memory_allocated`` relative to the allocation at
-    entry. CPU on Linux: the kernel's peak-RSS counter (VmHWM), reset at entry,
-    minus the RSS at entry; elsewhere RSS sampled every ``interval`` seconds in
+    entry. CPU: freed heap pages are first returned to the OS (glibc
+    malloc_trim), then on Linux the kernel's peak-RSS counter (VmHWM), reset at
+    entry, minus the RSS at entry; elsewhere RSS sampled every ``interval`` seconds in
     a thread (short peaks can be missed). ``peak_bytes`` holds the result.
     """
 
@@ -55,6 +70,7 @@ class PeakMemory:
             return self
         import psutil
 
+        _release_free_heap()
         self._process = psutil.Process()
         self._base = self._process.memory_info().rss
         if _reset_high_water_mark() and _rss_high_water_mark() is not None:
