@@ -87,3 +87,10 @@ def test_dispatch_torch_impl_and_errors():
         ops.logit_lens_deviation(h, torch.randn(5, 8), torch.zeros(3, dtype=torch.long), norm="batch")
     out = ops.logit_lens_deviation(h, torch.randn(5, 8), torch.zeros(3, dtype=torch.long), impl="torch")
     assert out.shape == (3,)
+
+
+def test_auto_keeps_fp64_on_the_reference():
+    assert ops.resolve_impl("cosine_deviation", "auto", torch.device("cpu"), torch.float64) == "torch"
+    h = torch.randn(4, 8, dtype=torch.float64)
+    out = ops.logit_lens_deviation(h, torch.randn(5, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    assert out.dtype == torch.float64

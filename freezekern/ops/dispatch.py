@@ -33,8 +33,11 @@ def _native_usable(op: str, device: torch.device) -> bool:
     return native.has_op(op, device)
 
 
-def resolve_impl(op: str, impl: str, device: torch.device) -> str:
-    """Return the concrete backend ("torch" | "triton" | "native") for ``op``."""
+def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return the concrete backend ("torch" | "triton" | "native") for ``op``.
+
+    ``auto`` keeps fp64 inputs on the PyTorch reference (the fast paths are fp32 inside).
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
@@ -54,6 +57,8 @@ def resolve_impl(op: str, impl: str, device: torch.device) -> str:
                 "(install triton; on CPU set TRITON_INTERPRET=1 before importing triton)"
             )
         return "triton"
+    if dtype == torch.float64:
+        return "torch"  # fp64 is the ground-truth path; the kernels compute in fp32
     if device.type == "cuda":
         chosen = "native" if _native_usable(op, device) else ("triton" if _triton_usable(device) else "torch")
     else:
@@ -86,7 +91,7 @@ def cosine_deviation(
         raise ValueError(f"basis must be [M, {h.shape[1]}], got {tuple(basis.shape)}")
     reference.check_norm_kind(norm)
     kwargs = dict(norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
-    backend = resolve_impl("cosine_deviation", impl, h.device)
+    backend = resolve_impl("cosine_deviation", impl, h.device, h.dtype)
     if backend == "triton":
         from freezekern.ops import triton_deviation
 
@@ -124,7 +129,7 @@ def logit_lens_deviation(
         bias=bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
         norm_eps=norm_eps, ignore_index=ignore_index,
     )
-    backend = resolve_impl("logit_lens_deviation", impl, h.device)
+    backend = resolve_impl("logit_lens_deviation", impl, h.device, h.dtype)
     if backend == "triton":
         from freezekern.ops import triton_deviation
 

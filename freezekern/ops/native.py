@@ -1,13 +1,193 @@
-"""Loader for the compiled extension ``freezekern._C`` (filled by the native backend)."""
+"""Python face of the compiled extension ``freezekern._C``.
+
+The extension registers ``torch.ops.freezekern.cosine_deviation`` and
+``torch.ops.freezekern.logit_lens_deviation`` (schemas in ``csrc/ops.cpp``),
+with a CPU kernel (OpenMP) and, when built against a CUDA torch, a CUDA
+kernel. This module loads it inside try/except and records why it is
+unavailable: not built (the package still works through the PyTorch
+reference) or broken (built against another torch, undefined symbol, ...),
+which is reported once with ``warnings.warn``. Set FREEZEKERN_DISABLE_NATIVE=1
+to ignore a built extension.
+
+It also registers the fake (meta) kernels so ``torch.compile`` can trace the
+ops: both return an fp32 [N] tensor on h's device.
+
+Shapes and dtypes are those of ``reference.py``: h [N, D] fp32|bf16|fp16 (any
+row stride; an inner stride != 1 is copied to contiguous by the kernel),
+basis [M, D], target_row [N] int64, weight [V, D], bias [V], target [N] int64
+-> [N] fp32, 0 on ignored rows.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
+import warnings
+from collections.abc import Callable
+from types import ModuleType
+
 import torch
 
+OPS = ("cosine_deviation", "logit_lens_deviation")
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` while torch is importable"
 
-def unavailable_reason(device: torch.device | None = None) -> str:
-    return "the native extension freezekern._C is not built"
+
+@dataclasses.dataclass
+class _State:
+    loaded: bool = False
+    broken: bool = False
+    reason: str = "the native extension freezekern._C is not built"
+    module: ModuleType | None = None
+    # op name -> device types ("cpu", "cuda") that have a kernel
+    kernels: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
 
-def has_op(op: str, device: torch.device) -> bool:
-    return False
+def _registered_kernels() -> dict[str, frozenset[str]]:
+    kernels = {}
+    for op in OPS:
+        name = f"freezekern::{op}"
+        kernels[op] = frozenset(
+            device
+            for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+        )
+    return kernels
+
+
+def _load_extension(importer: Callable[[str], ModuleType] = importlib.import_module) -> _State:
+    """Import freezekern._C and describe the outcome (warns once when broken)."""
+    if os.environ.get("FREEZEKERN_DISABLE_NATIVE") == "1":
+        return _State(reason="the native extension is disabled by FREEZEKERN_DISABLE_NATIVE=1")
+    try:
+        module = importer("freezekern._C")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("freezekern._C", "freezekern"):
+            return _State(reason=f"the native extension freezekern._C is not built ({_BUILD_HINT})")
+        return _broken(exc)
+    except (ImportError, OSError) as exc:
+        return _broken(exc)
+    try:
+        kernels = _registered_kernels()
+    except RuntimeError as exc:  # the library did not register its schemas
+        return _broken(exc)
+    if not any(kernels.values()):
+        return _broken(RuntimeError("it registered no kernels for torch.ops.freezekern"))
+    return _State(loaded=True, reason="", module=module, kernels=kernels)
+
+
+def _broken(exc: BaseException) -> _State:
+    reason = (
+        f"the native extension freezekern._C is present but failed to load ({type(exc).__name__}: {exc}); "
+        f"it was probably built against another torch than this one ({torch.__version__}): rebuild it, "
+        f"{_BUILD_HINT}"
+    )
+    warnings.warn(f"freezekern: {reason}. Falling back to the PyTorch/Triton paths.", RuntimeWarning, stacklevel=3)
+    return _State(broken=True, reason=reason)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("freezekern::cosine_deviation")
+    def _cosine_fake(h, basis, target_row, norm, norm_weight, norm_bias, norm_eps):
+        return h.new_empty((h.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("freezekern::logit_lens_deviation")
+    def _logit_lens_fake(h, weight, target, bias, norm, norm_weight, norm_bias, norm_eps, ignore_index):
+        return h.new_empty((h.shape[0],), dtype=torch.float32)
+
+
+_STATE = _load_extension()
+if _STATE.loaded:
+    _register_fakes()
+
+
+def _device_type(device: torch.device | str | None) -> str:
+    if device is None:
+        return "cpu"
+    if isinstance(device, torch.device):
+        return device.type
+    return torch.device(device).type
+
+
+def has_op(op: str, device: torch.device | str) -> bool:
+    """Whether the extension is loaded and has a kernel of ``op`` for ``device``'s type."""
+    return _STATE.loaded and _device_type(device) in _STATE.kernels.get(op, frozenset())
+
+
+def unavailable_reason(device: torch.device | str | None = None) -> str:
+    """Why the native kernels cannot run on ``device`` ('' when they can)."""
+    if not _STATE.loaded:
+        return _STATE.reason
+    dtype = _device_type(device)
+    if all(dtype in devices for devices in _STATE.kernels.values()):
+        return ""
+    if dtype == "cuda":
+        return (
+            "freezekern._C was built without CUDA kernels: rebuild it with a CUDA build of torch "
+            "and the CUDA toolkit (nvcc, CUDA_HOME) present, e.g. `pip install --no-build-isolation -e .`"
+        )
+    return f"freezekern._C has no kernel for device type {dtype!r}"
+
+
+def info() -> dict[str, object]:
+    """Build and load status for ``freezekern env``."""
+    out: dict[str, object] = {
+        "loaded": _STATE.loaded,
+        "broken": _STATE.broken,
+        "reason": _STATE.reason or None,
+        "cpu": has_op("cosine_deviation", "cpu") and has_op("logit_lens_deviation", "cpu"),
+        "cuda": has_op("cosine_deviation", "cuda") and has_op("logit_lens_deviation", "cuda"),
+    }
+    module = _STATE.module
+    if module is not None:
+        out["path"] = getattr(module, "__file__", None)
+        out["built_with_cuda"] = bool(module.built_with_cuda())
+        out["openmp"] = bool(module.built_with_openmp())
+        out["openmp_threads"] = int(module.openmp_max_threads())
+        out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def _require(op: str, device: torch.device) -> None:
+    if not has_op(op, device):
+        raise RuntimeError(f"freezekern native {op} is unavailable on {_device_type(device)}: {unavailable_reason(device)}")
+
+
+def _norm_name(norm: str | None) -> str:
+    return "none" if norm is None else norm
+
+
+def cosine_deviation(
+    h: torch.Tensor,
+    basis: torch.Tensor,
+    target_row: torch.Tensor,
+    *,
+    norm: str | None = "rms",
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """1 - cos(n(h), basis[target_row]): h [N, D], basis [M, D], target_row [N] int64 -> [N] fp32."""
+    _require("cosine_deviation", h.device)
+    return torch.ops.freezekern.cosine_deviation.default(
+        h, basis, target_row, _norm_name(norm), norm_weight, norm_bias, float(norm_eps)
+    )
+
+
+def logit_lens_deviation(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    norm: str | None = "rms",
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Cross-entropy through the LM head: h [N, D], weight [V, D], target [N] int64 -> [N] fp32."""
+    _require("logit_lens_deviation", h.device)
+    return torch.ops.freezekern.logit_lens_deviation.default(
+        h, weight, target, bias, _norm_name(norm), norm_weight, norm_bias, float(norm_eps), int(ignore_index)
+    )

@@ -1,0 +1,849 @@
+// CPU kernels of the deviation ops (OpenMP over rows, fp32 accumulation).
+//
+// cosine_deviation: one pass over memory per row: bf16/fp16 elements are
+// widened to fp32 in registers, the norm statistics (when needed, see
+// below) and the three sums (y.b, y.y, b.b) run over the row while it is in
+// L1. The gathered basis rows are prefetched into L2 two rows ahead. No
+// [N, D] buffer is made.
+//
+// logit_lens_deviation: the counted rows (target != ignore_index) are
+// normalised once into an fp32 [Nc, D] buffer. The vocabulary is walked in
+// chunks; each chunk's logits come from one BLAS GEMM (at::mm_out) into a
+// reused [row_block, chunk] fp32 buffer, and an online logsumexp (running
+// max and sum per row) is folded over it, 1024 logits at a time so that the
+// max and the exp pass read each logit from memory once. The
+// target logit is a separate dot product. Peak extra memory is
+// Nc*D + row_block*chunk (+ chunk*D when the weight is not fp32) floats;
+// [N, V] is never allocated.
+//
+// Hot loops are compiled three times (x86-64-v4 / v3 / baseline) with GCC's
+// target_clones, so one binary uses AVX-512 or AVX2+FMA when the CPU has it.
+//
+// Tuning (read at each call, for benchmarking): FREEZEKERN_CPU_VOCAB_CHUNK,
+// FREEZEKERN_CPU_ROW_BLOCK.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "deviation_checks.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 12) && defined(__x86_64__) && \
+    defined(__linux__) && !defined(FREEZEKERN_NO_MULTIVERSION)
+#define FK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FK_MULTIVERSION
+#endif
+
+#if defined(_MSC_VER)
+#define FK_INLINE __forceinline
+#else
+#define FK_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace freezekern {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------- element loads
+
+FK_INLINE float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+FK_INLINE uint32_t bits_from_f32(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// IEEE half -> float without branches; handles zeros, subnormals, inf and
+// NaN (same method as c10's portable path).
+FK_INLINE float half_bits_to_f32(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * f32_from_bits(0x7800000u);  // 2^-112
+  const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t bits =
+      sign | (two_w < (1u << 27) ? bits_from_f32(denormalized) : bits_from_f32(normalized));
+  return f32_from_bits(bits);
+}
+
+FK_INLINE float load_f32(const float* p, int64_t j) { return p[j]; }
+FK_INLINE float load_f32(const at::BFloat16* p, int64_t j) {
+  return f32_from_bits(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[j]) << 16);
+}
+FK_INLINE float load_f32(const at::Half* p, int64_t j) {
+  return half_bits_to_f32(reinterpret_cast<const uint16_t*>(p)[j]);
+}
+
+// Row loops use explicit 16-lane vectors (GCC/Clang vector extensions): in
+// each target clone a v16f is one zmm, two ymm or four xmm registers. Sums
+// keep two independent accumulators and end in a tree reduction. (An
+// `omp simd reduction` ends with a scalar loop over the lanes, which costs as
+// much as the loop itself on rows of a few hundred elements.)
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+template <typename To, typename From>
+FK_INLINE To bitcast(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bitcast size");
+  To r;
+  std::memcpy(&r, &v, sizeof(r));
+  return r;
+}
+
+FK_INLINE v16f vsplat(float x) {
+  v16f v = {};
+  return v + x;
+}
+
+// 16 consecutive elements as fp32.
+FK_INLINE v16f vload(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+FK_INLINE v16f vload(const at::BFloat16* p) {
+  // Interleave with zeros: each bf16 becomes the high half of its fp32 (one
+  // vpermt2w with AVX-512; a zero-extension and shift split in halves
+  // otherwise).
+  v16h h;
+  std::memcpy(&h, p, sizeof(h));
+  const v16h z = {};
+  return bitcast<v16f>(__builtin_shufflevector(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9,
+                                               25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+}
+
+FK_INLINE v16f vload(const at::Half* p) {
+  v16h h;
+  std::memcpy(&h, p, sizeof(h));
+  const v16u w = __builtin_convertvector(h, v16u) << 16;
+  const v16u sign = w & 0x80000000u;
+  const v16u two_w = w + w;
+  const v16f normalized = bitcast<v16f>((two_w >> 4) + (0xE0u << 23)) * f32_from_bits(0x7800000u);
+  const v16f denormalized = bitcast<v16f>((two_w >> 17) | (126u << 23)) - 0.5f;
+  const v16u is_denormal = bitcast<v16u>(two_w < (1u << 27));  // all ones where denormal
+  const v16u bits = sign | ((bitcast<v16u>(denormalized) & is_denormal) | (bitcast<v16u>(normalized) & ~is_denormal));
+  return bitcast<v16f>(bits);
+}
+
+FK_INLINE float hsum(v16f v) {
+  const v8f a = bitcast<v8f>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+  const v8f b = bitcast<v8f>(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  const v8f s8 = a + b;
+  const v4f c = __builtin_shufflevector(s8, s8, 0, 1, 2, 3);
+  const v4f e = __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  const v4f s4 = c + e;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// exp(x) for the logsumexp, vectorisable: Cephes-style range reduction and a
+// degree-6 polynomial (about 1 ulp). Returns 0 below -87.3 (and for -inf).
+FK_INLINE float fk_exp(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float t = xc * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  const float scale = f32_from_bits(static_cast<uint32_t>(e) << 23);
+  const float y = p * scale;
+  return x < -87.3f ? 0.0f : y;
+}
+
+// ---------------------------------------------------------------- row reductions
+
+// sum_j x[j]
+template <typename T>
+FK_INLINE float row_sum(const T* x, int64_t d) {
+  v16f a0 = {}, a1 = {};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    a0 += vload(x + j);
+    a1 += vload(x + j + 16);
+  }
+  for (; j + 16 <= d; j += 16) a0 += vload(x + j);
+  float s = hsum(a0 + a1);
+  for (; j < d; ++j) s += load_f32(x, j);
+  return s;
+}
+
+// sum_j (x[j] - c)^2
+template <typename T>
+FK_INLINE float row_sum_sq_dev(const T* x, int64_t d, float c) {
+  const v16f vc = vsplat(c);
+  v16f a0 = {}, a1 = {};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    const v16f u0 = vload(x + j) - vc;
+    const v16f u1 = vload(x + j + 16) - vc;
+    a0 += u0 * u0;
+    a1 += u1 * u1;
+  }
+  for (; j + 16 <= d; j += 16) {
+    const v16f u = vload(x + j) - vc;
+    a0 += u * u;
+  }
+  float s = hsum(a0 + a1);
+  for (; j < d; ++j) {
+    const float u = load_f32(x, j) - c;
+    s += u * u;
+  }
+  return s;
+}
+
+// sum_j x[j] * y[j]
+template <typename T>
+FK_INLINE float row_dot(const float* x, const T* y, int64_t d) {
+  v16f a0 = {}, a1 = {};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    a0 += vload(x + j) * vload(y + j);
+    a1 += vload(x + j + 16) * vload(y + j + 16);
+  }
+  for (; j + 16 <= d; j += 16) a0 += vload(x + j) * vload(y + j);
+  float s = hsum(a0 + a1);
+  for (; j < d; ++j) s += x[j] * load_f32(y, j);
+  return s;
+}
+
+// ---------------------------------------------------------------- norm of one row
+
+// n(x) = (x - mean) * scale * w + nb, with mean = 0 for RMSNorm; the
+// identity for norm "none".
+struct RowAffine {
+  float mean;
+  float scale;
+};
+
+template <typename T>
+FK_INLINE RowAffine row_affine(const T* x, int64_t d, NormKind kind, float eps) {
+  if (kind == NormKind::None || d == 0) return {0.0f, 1.0f};
+  const float fd = static_cast<float>(d);
+  if (kind == NormKind::Rms) return {0.0f, 1.0f / std::sqrt(row_sum_sq_dev(x, d, 0.0f) / fd + eps)};
+  const float mean = row_sum(x, d) / fd;
+  return {mean, 1.0f / std::sqrt(row_sum_sq_dev(x, d, mean) / fd + eps)};
+}
+
+// ---------------------------------------------------------------- cosine
+//
+// cos(n(x), b) does not change when n(x) is scaled by a positive number, so
+// without a norm bias the per-row scale (rsqrt of the mean square or of the
+// variance) is never computed: y = x, x * w, x - mean or (x - mean) * w, and
+// RMSNorm needs no statistics pass at all. With a norm bias the full affine
+// map is applied.
+
+enum class CosineMode { Plain, Weighted, Centered, CenteredWeighted, Full };
+
+struct CosineArgs {
+  const void* h;
+  int64_t h_stride;
+  const void* basis;
+  int64_t basis_stride;
+  const int64_t* target;
+  int64_t d;
+  NormKind norm;
+  const float* w;   // [D] or null
+  const float* nb;  // [D] or null
+  float eps;
+  float* out;
+};
+
+struct CosineSums {
+  float dot, yy, bb;
+};
+
+template <CosineMode kMode>
+FK_INLINE v16f cosine_y(v16f x, const float* w, const float* nb, int64_t j, v16f mean, v16f scale) {
+  if constexpr (kMode == CosineMode::Plain) {
+    return x;
+  } else if constexpr (kMode == CosineMode::Weighted) {
+    return x * vload(w + j);
+  } else if constexpr (kMode == CosineMode::Centered) {
+    return x - mean;
+  } else if constexpr (kMode == CosineMode::CenteredWeighted) {
+    return (x - mean) * vload(w + j);
+  } else {
+    return (x - mean) * (scale * vload(w + j)) + vload(nb + j);
+  }
+}
+
+template <CosineMode kMode>
+FK_INLINE float cosine_y1(float x, const float* w, const float* nb, int64_t j, float mean, float scale) {
+  if constexpr (kMode == CosineMode::Plain) {
+    return x;
+  } else if constexpr (kMode == CosineMode::Weighted) {
+    return x * w[j];
+  } else if constexpr (kMode == CosineMode::Centered) {
+    return x - mean;
+  } else if constexpr (kMode == CosineMode::CenteredWeighted) {
+    return (x - mean) * w[j];
+  } else {
+    return (x - mean) * (scale * w[j]) + nb[j];
+  }
+}
+
+template <CosineMode kMode, typename TH, typename TB>
+FK_INLINE CosineSums cosine_sums(const TH* x, const TB* b, const float* w, const float* nb, int64_t d, float mean,
+                                 float scale) {
+  const v16f vm = vsplat(mean), vs = vsplat(scale);
+  v16f dot0 = {}, yy0 = {}, bb0 = {}, dot1 = {}, yy1 = {}, bb1 = {};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    const v16f y0 = cosine_y<kMode>(vload(x + j), w, nb, j, vm, vs);
+    const v16f y1 = cosine_y<kMode>(vload(x + j + 16), w, nb, j + 16, vm, vs);
+    const v16f b0 = vload(b + j), b1 = vload(b + j + 16);
+    dot0 += y0 * b0;
+    yy0 += y0 * y0;
+    bb0 += b0 * b0;
+    dot1 += y1 * b1;
+    yy1 += y1 * y1;
+    bb1 += b1 * b1;
+  }
+  for (; j + 16 <= d; j += 16) {
+    const v16f y0 = cosine_y<kMode>(vload(x + j), w, nb, j, vm, vs);
+    const v16f b0 = vload(b + j);
+    dot0 += y0 * b0;
+    yy0 += y0 * y0;
+    bb0 += b0 * b0;
+  }
+  CosineSums r{hsum(dot0 + dot1), hsum(yy0 + yy1), hsum(bb0 + bb1)};
+  for (; j < d; ++j) {
+    const float y = cosine_y1<kMode>(load_f32(x, j), w, nb, j, mean, scale);
+    const float bj = load_f32(b, j);
+    r.dot += y * bj;
+    r.yy += y * y;
+    r.bb += bj * bj;
+  }
+  return r;
+}
+
+// Software prefetch of a row a few iterations ahead: the basis rows are
+// gathered in target order, which the hardware prefetchers cannot predict.
+#ifndef FK_PREFETCH_ROWS
+#define FK_PREFETCH_ROWS 2
+#endif
+#ifndef FK_PREFETCH_LOCALITY
+#define FK_PREFETCH_LOCALITY 1  // into L2: the L1 miss buffers are too few for whole rows
+#endif
+#ifndef FK_PREFETCH_H
+#define FK_PREFETCH_H 0  // h is read in order: the hardware prefetchers do it
+#endif
+FK_INLINE void prefetch_row(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, FK_PREFETCH_LOCALITY);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+constexpr int64_t kPrefetchRows = FK_PREFETCH_ROWS;
+
+template <CosineMode kMode, typename TH, typename TB>
+FK_INLINE void cosine_rows_mode(const CosineArgs& a, int64_t begin, int64_t end) {
+  const TH* h = static_cast<const TH*>(a.h);
+  const TB* basis = static_cast<const TB*>(a.basis);
+  const int64_t d = a.d;
+  for (int64_t i = begin; i < end; ++i) {
+    if (kPrefetchRows > 0 && i + kPrefetchRows < end) {
+      const int64_t tp = a.target[i + kPrefetchRows];
+      if (FK_PREFETCH_H) prefetch_row(h + (i + kPrefetchRows) * a.h_stride, d * static_cast<int64_t>(sizeof(TH)));
+      if (tp >= 0) prefetch_row(basis + tp * a.basis_stride, d * static_cast<int64_t>(sizeof(TB)));
+    }
+    const int64_t t = a.target[i];
+    if (t < 0) {
+      a.out[i] = 0.0f;
+      continue;
+    }
+    const TH* x = h + i * a.h_stride;
+    const TB* b = basis + t * a.basis_stride;
+    RowAffine aff{0.0f, 1.0f};
+    if constexpr (kMode == CosineMode::Full) {
+      aff = row_affine(x, d, a.norm, a.eps);
+    } else if constexpr (kMode == CosineMode::Centered || kMode == CosineMode::CenteredWeighted) {
+      aff.mean = d ? row_sum(x, d) / static_cast<float>(d) : 0.0f;
+    }
+    const CosineSums cs = cosine_sums<kMode>(x, b, a.w, a.nb, d, aff.mean, aff.scale);
+    const float denom = std::max(std::sqrt(cs.yy) * std::sqrt(cs.bb), 1e-30f);
+    a.out[i] = 1.0f - cs.dot / denom;
+  }
+}
+
+CosineMode cosine_mode(const CosineArgs& a) {
+  if (a.norm == NormKind::None) return CosineMode::Plain;
+  if (a.nb) return CosineMode::Full;
+  if (a.norm == NormKind::Rms) return a.w ? CosineMode::Weighted : CosineMode::Plain;
+  return a.w ? CosineMode::CenteredWeighted : CosineMode::Centered;
+}
+
+template <typename TH, typename TB>
+FK_INLINE void cosine_rows_impl(const CosineArgs& a, CosineMode mode, int64_t begin, int64_t end) {
+  switch (mode) {
+    case CosineMode::Plain:
+      return cosine_rows_mode<CosineMode::Plain, TH, TB>(a, begin, end);
+    case CosineMode::Weighted:
+      return cosine_rows_mode<CosineMode::Weighted, TH, TB>(a, begin, end);
+    case CosineMode::Centered:
+      return cosine_rows_mode<CosineMode::Centered, TH, TB>(a, begin, end);
+    case CosineMode::CenteredWeighted:
+      return cosine_rows_mode<CosineMode::CenteredWeighted, TH, TB>(a, begin, end);
+    case CosineMode::Full:
+      return cosine_rows_mode<CosineMode::Full, TH, TB>(a, begin, end);
+  }
+}
+
+using CosineFn = void (*)(const CosineArgs&, CosineMode, int64_t, int64_t);
+
+#define FK_COSINE_ENTRY(NAME, TH, TB)                                                                \
+  FK_MULTIVERSION void NAME(const CosineArgs& a, CosineMode mode, int64_t begin, int64_t end) { \
+    cosine_rows_impl<TH, TB>(a, mode, begin, end);                                               \
+  }
+FK_COSINE_ENTRY(cosine_f32_f32, float, float)
+FK_COSINE_ENTRY(cosine_f32_bf16, float, at::BFloat16)
+FK_COSINE_ENTRY(cosine_f32_f16, float, at::Half)
+FK_COSINE_ENTRY(cosine_bf16_f32, at::BFloat16, float)
+FK_COSINE_ENTRY(cosine_bf16_bf16, at::BFloat16, at::BFloat16)
+FK_COSINE_ENTRY(cosine_bf16_f16, at::BFloat16, at::Half)
+FK_COSINE_ENTRY(cosine_f16_f32, at::Half, float)
+FK_COSINE_ENTRY(cosine_f16_bf16, at::Half, at::BFloat16)
+FK_COSINE_ENTRY(cosine_f16_f16, at::Half, at::Half)
+#undef FK_COSINE_ENTRY
+
+int dtype_slot(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return 0;
+    case at::kBFloat16:
+      return 1;
+    case at::kHalf:
+      return 2;
+    default:
+      TORCH_CHECK(false, "freezekern: unsupported dtype ", t);
+  }
+}
+
+CosineFn cosine_fn(at::ScalarType th, at::ScalarType tb) {
+  static const CosineFn table[3][3] = {
+      {cosine_f32_f32, cosine_f32_bf16, cosine_f32_f16},
+      {cosine_bf16_f32, cosine_bf16_bf16, cosine_bf16_f16},
+      {cosine_f16_f32, cosine_f16_bf16, cosine_f16_f16},
+  };
+  return table[dtype_slot(th)][dtype_slot(tb)];
+}
+
+// ---------------------------------------------------------------- logit lens pieces
+
+struct NormalizeArgs {
+  const void* h;
+  int64_t h_stride;
+  const int64_t* rows;  // counted row indices, [Nc]
+  int64_t d;
+  NormKind norm;
+  const float* w;   // [D], ones when absent
+  const float* nb;  // [D], zeros when absent
+  float eps;
+  float* x;  // [Nc, d] fp32 out
+};
+
+template <typename TH>
+FK_INLINE void normalize_rows_impl(const NormalizeArgs& a, int64_t begin, int64_t end) {
+  const TH* h = static_cast<const TH*>(a.h);
+  const int64_t d = a.d;
+  for (int64_t k = begin; k < end; ++k) {
+    const TH* x = h + a.rows[k] * a.h_stride;
+    const RowAffine aff = row_affine(x, d, a.norm, a.eps);
+    const v16f vm = vsplat(aff.mean), vs = vsplat(aff.scale);
+    float* y = a.x + k * d;
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) {
+      const v16f v = (vload(x + j) - vm) * vs * vload(a.w + j) + vload(a.nb + j);
+      std::memcpy(y + j, &v, sizeof(v));
+    }
+    for (; j < d; ++j) y[j] = (load_f32(x, j) - aff.mean) * aff.scale * a.w[j] + a.nb[j];
+  }
+}
+
+using NormalizeFn = void (*)(const NormalizeArgs&, int64_t, int64_t);
+FK_MULTIVERSION void normalize_f32(const NormalizeArgs& a, int64_t b, int64_t e) { normalize_rows_impl<float>(a, b, e); }
+FK_MULTIVERSION void normalize_bf16(const NormalizeArgs& a, int64_t b, int64_t e) {
+  normalize_rows_impl<at::BFloat16>(a, b, e);
+}
+FK_MULTIVERSION void normalize_f16(const NormalizeArgs& a, int64_t b, int64_t e) {
+  normalize_rows_impl<at::Half>(a, b, e);
+}
+
+struct TargetArgs {
+  const float* x;  // [Nc, d]
+  const int64_t* rows;
+  const int64_t* target;
+  const void* weight;
+  int64_t weight_stride;
+  const float* bias;  // [V] or null
+  int64_t d;
+  float* out;  // [Nc]
+};
+
+template <typename TW>
+FK_INLINE void target_logits_impl(const TargetArgs& a, int64_t begin, int64_t end) {
+  const TW* weight = static_cast<const TW*>(a.weight);
+  const int64_t d = a.d;
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t t = a.target[a.rows[k]];
+    a.out[k] = row_dot(a.x + k * d, weight + t * a.weight_stride, d) + (a.bias ? a.bias[t] : 0.0f);
+  }
+}
+
+using TargetFn = void (*)(const TargetArgs&, int64_t, int64_t);
+FK_MULTIVERSION void target_f32(const TargetArgs& a, int64_t b, int64_t e) { target_logits_impl<float>(a, b, e); }
+FK_MULTIVERSION void target_bf16(const TargetArgs& a, int64_t b, int64_t e) {
+  target_logits_impl<at::BFloat16>(a, b, e);
+}
+FK_MULTIVERSION void target_f16(const TargetArgs& a, int64_t b, int64_t e) { target_logits_impl<at::Half>(a, b, e); }
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// fk_exp on 16 lanes.
+FK_INLINE v16f vexp(v16f x) {
+  const v16f lo = vsplat(-87.3f), hi = vsplat(88.3f);
+  v16f xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const v16f t = xc * 1.44269504088896341f;
+  const v16f n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  v16f r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16f p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+  const v16f y = p * bitcast<v16f>(e);
+  const v16f zero = {};
+  return x < lo ? zero : y;
+}
+
+FK_INLINE float hmax(v16f v) {
+  float m = v[0];
+  for (int k = 1; k < 16; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+
+// (max, sum exp(l - max)) of l[0, n) (+ bias), reading l once from memory:
+// the row is taken in pieces small enough to stay in L1 between the max and
+// the exp pass.
+FK_INLINE void row_lse(const float* l, const float* bias, int64_t n, float& run_max, float& run_sum) {
+  constexpr int64_t kPiece = 1024;
+  for (int64_t p0 = 0; p0 < n; p0 += kPiece) {
+    const int64_t pn = std::min(kPiece, n - p0);
+    const float* lp = l + p0;
+    const float* bp = bias ? bias + p0 : nullptr;
+    const int64_t pv = pn / 16 * 16;
+    v16f m0 = vsplat(kNegInf), m1 = m0;
+    int64_t j = 0;
+    if (bp) {
+      for (; j + 32 <= pv; j += 32) {
+        const v16f a = vload(lp + j) + vload(bp + j), b = vload(lp + j + 16) + vload(bp + j + 16);
+        m0 = a > m0 ? a : m0;
+        m1 = b > m1 ? b : m1;
+      }
+      for (; j < pv; j += 16) {
+        const v16f a = vload(lp + j) + vload(bp + j);
+        m0 = a > m0 ? a : m0;
+      }
+    } else {
+      for (; j + 32 <= pv; j += 32) {
+        const v16f a = vload(lp + j), b = vload(lp + j + 16);
+        m0 = a > m0 ? a : m0;
+        m1 = b > m1 ? b : m1;
+      }
+      for (; j < pv; j += 16) {
+        const v16f a = vload(lp + j);
+        m0 = a > m0 ? a : m0;
+      }
+    }
+    float m = hmax(m1 > m0 ? m1 : m0);
+    for (int64_t k = pv; k < pn; ++k) m = std::max(m, lp[k] + (bp ? bp[k] : 0.0f));
+    if (m == kNegInf) continue;
+    const v16f vm = vsplat(m);
+    v16f s0 = {}, s1 = {};
+    j = 0;
+    if (bp) {
+      for (; j + 32 <= pv; j += 32) {
+        s0 += vexp(vload(lp + j) + vload(bp + j) - vm);
+        s1 += vexp(vload(lp + j + 16) + vload(bp + j + 16) - vm);
+      }
+      for (; j < pv; j += 16) s0 += vexp(vload(lp + j) + vload(bp + j) - vm);
+    } else {
+      for (; j + 32 <= pv; j += 32) {
+        s0 += vexp(vload(lp + j) - vm);
+        s1 += vexp(vload(lp + j + 16) - vm);
+      }
+      for (; j < pv; j += 16) s0 += vexp(vload(lp + j) - vm);
+    }
+    float sum = hsum(s0 + s1);
+    for (int64_t k = pv; k < pn; ++k) sum += fk_exp(lp[k] + (bp ? bp[k] : 0.0f) - m);
+    const float new_m = std::max(run_max, m);
+    run_sum = run_sum * fk_exp(run_max - new_m) + sum * fk_exp(m - new_m);
+    run_max = new_m;
+  }
+}
+
+// Folds logits rows [begin, end) of a [rows, cols] block (leading dim ld)
+// into the running (max, sum) of those rows.
+FK_MULTIVERSION void lse_update_rows(const float* logits, int64_t ld, int64_t cols, const float* bias, int64_t begin,
+                                     int64_t end, float* run_max, float* run_sum) {
+  for (int64_t r = begin; r < end; ++r) row_lse(logits + r * ld, bias, cols, run_max[r], run_sum[r]);
+}
+
+// ---------------------------------------------------------------- helpers
+
+// Splits [0, n) into one contiguous range per thread (OpenMP, torch's thread
+// count). f must not throw.
+template <typename F>
+void parallel_rows(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain));
+#ifdef _OPENMP
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      const int64_t tid = omp_get_thread_num();
+      const int64_t nt = omp_get_num_threads();
+      const int64_t chunk = (n + nt - 1) / nt;
+      const int64_t begin = tid * chunk;
+      const int64_t end = std::min(n, begin + chunk);
+      if (begin < end) f(begin, end);
+    }
+    return;
+  }
+#else
+  if (threads > 1) {
+    at::parallel_for(0, n, grain, f);
+    return;
+  }
+#endif
+  f(0, n);
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* endp = nullptr;
+  const long long x = std::strtoll(v, &endp, 10);
+  return (endp && *endp == '\0' && x > 0) ? static_cast<int64_t>(x) : fallback;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "freezekern: the CPU kernel got ", name, " on ", t.device());
+}
+
+// ---------------------------------------------------------------- ops
+
+at::Tensor cosine_deviation_cpu(const at::Tensor& h_in, const at::Tensor& basis_in, const at::Tensor& target_row,
+                                c10::string_view norm, const std::optional<at::Tensor>& norm_weight,
+                                const std::optional<at::Tensor>& norm_bias, double norm_eps) {
+  check_cpu(h_in, "h");
+  const at::Tensor h = as_row_major(h_in, "h");
+  const at::Device dev = h.device();
+  check_same_device(basis_in, "basis", dev);
+  const at::Tensor basis = as_row_major(basis_in, "basis");
+  const int64_t n = h.size(0), d = h.size(1), m = basis.size(0);
+  TORCH_CHECK(basis.size(1) == d, "freezekern: basis must be [M, ", d, "], got shape ", basis.sizes());
+  const at::Tensor target = as_index_vector(target_row, n, "target_row", dev);
+  const NormArgs na = make_norm_args(norm, norm_weight, norm_bias, norm_eps, d, dev);
+
+  at::Tensor out = at::empty({n}, h.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  const int64_t* t = target.data_ptr<int64_t>();
+  if (m == 0) {
+    // As the reference: with an empty basis every counted row compares with
+    // a zero vector, cos = 0, deviation 1.
+    float* o = out.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) o[i] = t[i] < 0 ? 0.0f : 1.0f;
+    return out;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(t[i] < m, "freezekern: cosine_deviation: target_row[", i, "] = ", t[i],
+                " is out of range for a basis of ", m, " rows");
+  }
+  CosineArgs a;
+  a.h = h.data_ptr();
+  a.h_stride = h.stride(0);
+  a.basis = basis.data_ptr();
+  a.basis_stride = basis.stride(0);
+  a.target = t;
+  a.d = d;
+  a.norm = na.kind;
+  a.w = opt_ptr<float>(na.weight);
+  a.nb = opt_ptr<float>(na.bias);
+  a.eps = na.eps;
+  a.out = out.data_ptr<float>();
+  at::Tensor ones;
+  if (a.nb && !a.w) {  // the full affine map reads a weight
+    ones = at::ones({d}, out.options());
+    a.w = ones.data_ptr<float>();
+  }
+  const CosineFn fn = cosine_fn(h.scalar_type(), basis.scalar_type());
+  const CosineMode mode = cosine_mode(a);
+  parallel_rows(n, 16, [&](int64_t begin, int64_t end) { fn(a, mode, begin, end); });
+  return out;
+}
+
+at::Tensor logit_lens_deviation_cpu(const at::Tensor& h_in, const at::Tensor& weight_in, const at::Tensor& target_in,
+                                    const std::optional<at::Tensor>& bias_in, c10::string_view norm,
+                                    const std::optional<at::Tensor>& norm_weight,
+                                    const std::optional<at::Tensor>& norm_bias, double norm_eps,
+                                    int64_t ignore_index) {
+  check_cpu(h_in, "h");
+  const at::Tensor h = as_row_major(h_in, "h");
+  const at::Device dev = h.device();
+  check_same_device(weight_in, "weight", dev);
+  const at::Tensor weight = as_row_major(weight_in, "weight");
+  const int64_t n = h.size(0), d = h.size(1), vocab = weight.size(0);
+  TORCH_CHECK(weight.size(1) == d, "freezekern: weight must be [V, ", d, "], got shape ", weight.sizes());
+  const at::Tensor target = as_index_vector(target_in, n, "target", dev);
+  const at::Tensor bias = as_f32_vector(bias_in, vocab, "bias", dev);
+  const NormArgs na = make_norm_args(norm, norm_weight, norm_bias, norm_eps, d, dev);
+
+  const auto f32 = h.options().dtype(at::kFloat);
+  at::Tensor out = at::zeros({n}, f32);
+  if (n == 0) return out;
+
+  const int64_t* t = target.data_ptr<int64_t>();
+  std::vector<int64_t> rows;
+  rows.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    if (t[i] == ignore_index) continue;
+    TORCH_CHECK(vocab == 0 || (t[i] >= 0 && t[i] < vocab), "freezekern: logit_lens_deviation: target[", i,
+                "] = ", t[i], " is out of range for a vocabulary of ", vocab, " (ignore_index is ", ignore_index,
+                ")");
+    rows.push_back(i);
+  }
+  const int64_t nc = static_cast<int64_t>(rows.size());
+  float* o = out.data_ptr<float>();
+  if (nc == 0) return out;
+  if (vocab == 0) {
+    // As the reference: logsumexp over an empty vocabulary is -inf.
+    for (int64_t k = 0; k < nc; ++k) o[rows[k]] = kNegInf;
+    return out;
+  }
+
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::Tensor w = na.weight.defined() ? na.weight : at::ones({d}, f32);
+  const at::Tensor nb = na.bias.defined() ? na.bias : at::zeros({d}, f32);
+
+  // 1. normalised counted rows, fp32 [Nc, D]
+  at::Tensor x = at::empty({nc, d}, f32);
+  {
+    NormalizeArgs a;
+    a.h = h.data_ptr();
+    a.h_stride = h.stride(0);
+    a.rows = rows.data();
+    a.d = d;
+    a.norm = na.kind;
+    a.w = w.data_ptr<float>();
+    a.nb = nb.data_ptr<float>();
+    a.eps = na.eps;
+    a.x = x.data_ptr<float>();
+    const NormalizeFn fns[3] = {normalize_f32, normalize_bf16, normalize_f16};
+    const NormalizeFn fn = fns[dtype_slot(h.scalar_type())];
+    parallel_rows(nc, 16, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  }
+
+  // 2. target logits
+  std::vector<float> target_logit(static_cast<size_t>(nc));
+  {
+    TargetArgs a;
+    a.x = x.data_ptr<float>();
+    a.rows = rows.data();
+    a.target = t;
+    a.weight = weight.data_ptr();
+    a.weight_stride = weight.stride(0);
+    a.bias = opt_ptr<float>(bias);
+    a.d = d;
+    a.out = target_logit.data();
+    const TargetFn fns[3] = {target_f32, target_bf16, target_f16};
+    const TargetFn fn = fns[dtype_slot(weight.scalar_type())];
+    parallel_rows(nc, 16, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  }
+
+  // 3. chunked GEMM + online logsumexp
+  const int64_t vchunk = std::min(vocab, env_int("FREEZEKERN_CPU_VOCAB_CHUNK", 4096));
+  const int64_t row_block =
+      std::min(nc, env_int("FREEZEKERN_CPU_ROW_BLOCK", std::max<int64_t>(256, (int64_t{1} << 21) / vchunk)));
+  std::vector<float> run_max(static_cast<size_t>(nc), kNegInf), run_sum(static_cast<size_t>(nc), 0.0f);
+  at::Tensor logits_buf = at::empty({row_block * vchunk}, f32);
+  const bool convert_weight = weight.scalar_type() != at::kFloat;
+  at::Tensor weight_buf = convert_weight ? at::empty({vchunk, d}, f32) : at::Tensor();
+  const float* bias_ptr = opt_ptr<float>(bias);
+
+  for (int64_t v0 = 0; v0 < vocab; v0 += vchunk) {
+    const int64_t vc = std::min(vchunk, vocab - v0);
+    at::Tensor wc = weight.narrow(0, v0, vc);
+    if (convert_weight) {
+      at::Tensor wf = weight_buf.narrow(0, 0, vc);
+      wf.copy_(wc);
+      wc = wf;
+    }
+    const at::Tensor wct = wc.t();
+    const float* chunk_bias = bias_ptr ? bias_ptr + v0 : nullptr;
+    for (int64_t r0 = 0; r0 < nc; r0 += row_block) {
+      const int64_t rb = std::min(row_block, nc - r0);
+      at::Tensor logits = logits_buf.narrow(0, 0, rb * vc).view({rb, vc});
+      at::mm_out(logits, x.narrow(0, r0, rb), wct);
+      const float* lp = logits.data_ptr<float>();
+      float* mp = run_max.data() + r0;
+      float* sp = run_sum.data() + r0;
+      parallel_rows(rb, 4, [&](int64_t begin, int64_t end) {
+        lse_update_rows(lp, vc, vc, chunk_bias, begin, end, mp, sp);
+      });
+    }
+  }
+
+  for (int64_t k = 0; k < nc; ++k) {
+    o[rows[k]] = run_max[k] + std::log(run_sum[k]) - target_logit[k];
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(freezekern, CPU, m) {
+  m.impl("cosine_deviation", &cosine_deviation_cpu);
+  m.impl("logit_lens_deviation", &logit_lens_deviation_cpu);
+}
+
+}  // namespace freezekern

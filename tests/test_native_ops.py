@@ -1,0 +1,462 @@
+"""Native (C++/OpenMP and CUDA) deviation kernels against an fp64 ground truth.
+
+Error rule (flash-attention's): the native kernel's error against an fp64
+computation on the same (low-precision) inputs may not exceed twice the error
+of the PyTorch reference at the same dtype, plus a small tolerance of about
+1e-5 relative (both accumulate in fp32).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from freezekern import ops
+from freezekern.ops import dispatch, native, reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OPS = ("cosine_deviation", "logit_lens_deviation")
+IGNORE = -100
+
+
+def _native_on(device: str) -> bool:
+    return all(native.has_op(op, device) for op in OPS)
+
+
+_CPU_SKIP = pytest.mark.skipif(
+    not _native_on("cpu"), reason=f"native CPU kernels unavailable: {native.unavailable_reason('cpu')}"
+)
+_CUDA_READY = torch.cuda.is_available() and _native_on("cuda")
+_CUDA_SKIP = pytest.mark.skipif(
+    not _CUDA_READY,
+    reason="needs a CUDA device and freezekern._C built with CUDA kernels"
+    + ("" if not torch.cuda.is_available() else f" ({native.unavailable_reason('cuda')})"),
+)
+DEVICES = [
+    pytest.param("cpu", marks=_CPU_SKIP, id="cpu"),
+    pytest.param("cuda", marks=[pytest.mark.gpu, _CUDA_SKIP], id="cuda"),
+]
+
+
+# ---------------------------------------------------------------- fp64 ground truth
+
+
+def _truth_norm(h, norm, norm_weight, norm_bias, eps):
+    x = h.double()
+    if norm == "rms":
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    elif norm == "layer":
+        mean = x.mean(-1, keepdim=True)
+        x = (x - mean) * torch.rsqrt((x - mean).pow(2).mean(-1, keepdim=True) + eps)
+    if norm is not None:
+        if norm_weight is not None:
+            x = x * norm_weight.double()
+        if norm_bias is not None:
+            x = x + norm_bias.double()
+    return x
+
+
+def truth_cosine(h, basis, target_row, *, norm, norm_weight=None, norm_bias=None, norm_eps=1e-6):
+    x = _truth_norm(h, norm, norm_weight, norm_bias, norm_eps)
+    rows = basis.double()[target_row.clamp(min=0)]
+    cos = (x * rows).sum(-1) / (x.norm(dim=-1) * rows.norm(dim=-1)).clamp_min(1e-30)
+    return torch.where(target_row >= 0, 1.0 - cos, torch.zeros_like(cos))
+
+
+def truth_logit_lens(h, weight, target, *, bias=None, norm, norm_weight=None, norm_bias=None, norm_eps=1e-6,
+                     ignore_index=IGNORE):
+    x = _truth_norm(h, norm, norm_weight, norm_bias, norm_eps)
+    logits = x @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    counted = target != ignore_index
+    safe = torch.where(counted, target, torch.zeros_like(target))
+    dev = torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None]).squeeze(1)
+    return torch.where(counted, dev, torch.zeros_like(dev))
+
+
+def assert_within_rule(native_out, ref_out, truth, *, rel=1e-5):
+    assert native_out.dtype == torch.float32
+    assert native_out.shape == truth.shape
+    got = native_out.detach().cpu().double()
+    ref = ref_out.detach().cpu().double()
+    truth = truth.detach().cpu().double()
+    assert torch.isfinite(got).all(), "native result is not finite"
+    if truth.numel() == 0:
+        return
+    err_native = (got - truth).abs().max().item()
+    err_ref = (ref - truth).abs().max().item()
+    bound = 2.0 * err_ref + rel * (1.0 + truth.abs().max().item())
+    assert err_native <= bound, f"native error {err_native:.3g} > bound {bound:.3g} (reference error {err_ref:.3g})"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _h(n, d, dtype, device, layout, gen, scale=3.0, shift=0.5):
+    if layout == "contiguous":
+        base = torch.randn(n, d, generator=gen) * scale + shift
+        return base.to(dtype).to(device)
+    if layout == "row_strided":  # rows 16 elements apart: still aligned for vector loads
+        big = (torch.randn(n, d + 16, generator=gen) * scale + shift).to(dtype).to(device)
+        return big[:, :d]
+    if layout == "row_strided_odd":  # odd row stride: unaligned rows
+        big = (torch.randn(n, d + 3, generator=gen) * scale + shift).to(dtype).to(device)
+        return big[:, :d]
+    if layout == "col_strided":  # inner stride 2: the kernel copies it to contiguous
+        big = (torch.randn(n, 2 * d, generator=gen) * scale + shift).to(dtype).to(device)
+        return big[:, ::2]
+    raise ValueError(layout)
+
+
+def _norm_params(d, affine, device, gen):
+    w = (torch.rand(d, generator=gen) + 0.5).to(device) if affine in ("weight", "weight+bias") else None
+    b = (torch.randn(d, generator=gen) * 0.1).to(device) if affine in ("bias", "weight+bias") else None
+    return w, b
+
+
+def _targets(n, v, ignored, gen, device):
+    t = torch.randint(0, max(v, 1), (n,), generator=gen)
+    ignore_index = IGNORE
+    if ignored == "some" and n:
+        t[::5] = IGNORE
+    elif ignored == "custom" and n:
+        ignore_index = 0 if v > 1 else IGNORE
+        t[::3] = ignore_index
+    return t.to(device), ignore_index
+
+
+def _run_logit_lens(h, weight, target, **kw):
+    got = ops.logit_lens_deviation(h, weight, target, impl="native", **kw)
+    ref = ops.logit_lens_deviation(h, weight, target, impl="torch", **kw)
+    return got, ref, truth_logit_lens(h.cpu(), weight.cpu(), target.cpu(), **{
+        k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+    })
+
+
+def _run_cosine(h, basis, target_row, **kw):
+    got = ops.cosine_deviation(h, basis, target_row, impl="native", **kw)
+    ref = ops.cosine_deviation(h, basis, target_row, impl="torch", **kw)
+    return got, ref, truth_cosine(h.cpu(), basis.cpu(), target_row.cpu(), **{
+        k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+    })
+
+
+# ---------------------------------------------------------------- logit lens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("v", [1, 127, 4099])
+@pytest.mark.parametrize("d", [59, 576])
+@pytest.mark.parametrize("n", [0, 1, 59, 257])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_lens_shapes(device, dtype, n, d, v):
+    gen = torch.Generator().manual_seed(n * 7919 + d * 31 + v)
+    h = _h(n, d, dtype, device, "contiguous", gen)
+    weight = (torch.randn(v, d, generator=gen) / d**0.5 * 2).to(dtype).to(device)
+    bias = (torch.randn(v, generator=gen) * 0.5).to(device)
+    nw, nb = _norm_params(d, "weight", device, gen)
+    target, ignore_index = _targets(n, v, "some", gen, device)
+    got, ref, truth = _run_logit_lens(h, weight, target, bias=bias, norm="rms", norm_weight=nw, norm_bias=nb,
+                                      ignore_index=ignore_index)
+    assert_within_rule(got, ref, truth)
+
+
+LAYOUTS = ["contiguous", "row_strided", "row_strided_odd", "col_strided"]
+AFFINES = ["none", "weight", "bias", "weight+bias"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("norm", ["rms", "layer", None], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_lens_variants(device, dtype, norm, affine, head_bias):
+    # Every combination once; the layout and the ignored rows cycle through theirs.
+    key = DTYPES.index(dtype) + 3 * AFFINES.index(affine) + int(head_bias) + (norm is None)
+    _check_logit_lens(device, dtype, norm, affine, head_bias, LAYOUTS[key % 4], ("none", "some", "custom")[key % 3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_lens_layouts(device, dtype, layout):
+    _check_logit_lens(device, dtype, "layer", "weight+bias", True, layout, "some")
+
+
+def _check_logit_lens(device, dtype, norm, affine, head_bias, layout, ignored):
+    n, d, v = 59, 72, 1000
+    gen = torch.Generator().manual_seed(hash((str(dtype), norm, affine, head_bias, layout)) % 2**31)
+    h = _h(n, d, dtype, device, layout, gen)
+    weight = (torch.randn(v, d, generator=gen) / d**0.5 * 2).to(dtype).to(device)
+    bias = (torch.randn(v, generator=gen)).to(device) if head_bias else None
+    nw, nb = _norm_params(d, affine, device, gen)
+    target, ignore_index = _targets(n, v, ignored, gen, device)
+    got, ref, truth = _run_logit_lens(h, weight, target, bias=bias, norm=norm, norm_weight=nw, norm_bias=nb,
+                                      ignore_index=ignore_index)
+    assert_within_rule(got, ref, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_lens_extreme_values(device, dtype):
+    """Weights scaled 100x: logits in the thousands, the logsumexp must not overflow."""
+    n, d, v = 33, 64, 2053
+    gen = torch.Generator().manual_seed(5)
+    h = _h(n, d, dtype, device, "contiguous", gen)
+    weight = (torch.randn(v, d, generator=gen) * 100.0).to(dtype).to(device)
+    bias = (torch.randn(v, generator=gen) * 100.0).to(device)
+    target, _ = _targets(n, v, "some", gen, device)
+    got, ref, truth = _run_logit_lens(h, weight, target, bias=bias, norm="rms")
+    assert truth.abs().max() > 1e3
+    assert_within_rule(got, ref, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_lens_all_ignored(device):
+    gen = torch.Generator().manual_seed(1)
+    h = _h(17, 40, torch.bfloat16, device, "contiguous", gen)
+    weight = torch.randn(300, 40, generator=gen).to(device)
+    target = torch.full((17,), IGNORE, dtype=torch.long, device=device)
+    out = ops.logit_lens_deviation(h, weight, target, impl="native")
+    assert out.dtype == torch.float32 and out.shape == (17,)
+    assert torch.equal(out.cpu(), torch.zeros(17))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_lens_int32_target_and_fp64_inputs(device):
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(20, 48, generator=gen, dtype=torch.float64).to(device)
+    weight = torch.randn(130, 48, generator=gen, dtype=torch.float64).to(device)
+    target = torch.randint(0, 130, (20,), generator=gen).to(device)
+    got = ops.logit_lens_deviation(h, weight, target.int(), impl="native")
+    ref = ops.logit_lens_deviation(h, weight, target, impl="torch")
+    # The native kernels compute in fp32 and return fp32 whatever the input dtype.
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@_CPU_SKIP
+@pytest.mark.parametrize("chunk,row_block", [(500, 7), (64, 1000), (1031, 1)])
+def test_logit_lens_cpu_chunking(monkeypatch, chunk, row_block):
+    """Several vocabulary chunks and row blocks, with ragged ends."""
+    monkeypatch.setenv("FREEZEKERN_CPU_VOCAB_CHUNK", str(chunk))
+    monkeypatch.setenv("FREEZEKERN_CPU_ROW_BLOCK", str(row_block))
+    gen = torch.Generator().manual_seed(chunk + row_block)
+    h = _h(61, 96, torch.bfloat16, "cpu", "contiguous", gen)
+    weight = (torch.randn(1031, 96, generator=gen) * 0.2).to(torch.bfloat16)
+    bias = torch.randn(1031, generator=gen)
+    target, _ = _targets(61, 1031, "some", gen, "cpu")
+    got, ref, truth = _run_logit_lens(h, weight, target, bias=bias, norm="layer")
+    assert_within_rule(got, ref, truth)
+
+
+@_CPU_SKIP
+def test_logit_lens_cpu_rejects_bad_target():
+    h = torch.randn(4, 16)
+    weight = torch.randn(10, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.logit_lens_deviation(h, weight, torch.tensor([1, 2, 10, 3]), impl="native")
+    with pytest.raises(RuntimeError, match="norm must be"):
+        torch.ops.freezekern.logit_lens_deviation(h, weight, torch.tensor([1, 2, 3, 4]), None, "batch",
+                                                  None, None, 1e-6, -100)
+
+
+@pytest.mark.gpu
+@_CUDA_SKIP
+def test_logit_lens_cuda_bad_target_is_nan():
+    h = torch.randn(4, 16, device="cuda")
+    weight = torch.randn(10, 16, device="cuda")
+    out = ops.logit_lens_deviation(h, weight, torch.tensor([1, 2, 10, -100], device="cuda"), impl="native")
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1]]).all() and out[3] == 0
+
+
+# ---------------------------------------------------------------- cosine
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 50])
+@pytest.mark.parametrize("d", [59, 576])
+@pytest.mark.parametrize("n", [0, 1, 59, 257])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_shapes(device, dtype, n, d, m):
+    gen = torch.Generator().manual_seed(n * 101 + d + m)
+    h = _h(n, d, dtype, device, "contiguous", gen)
+    basis = torch.randn(m, d, generator=gen).to(device)
+    target_row = torch.randint(-1, m, (n,), generator=gen).to(device)
+    nw, _ = _norm_params(d, "weight", device, gen)
+    got, ref, truth = _run_cosine(h, basis, target_row, norm="rms", norm_weight=nw)
+    assert_within_rule(got, ref, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("basis_dtype", ["fp32", "same"])
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("norm", ["rms", "layer", None], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_variants(device, dtype, norm, affine, basis_dtype):
+    key = DTYPES.index(dtype) + 3 * AFFINES.index(affine) + (basis_dtype == "same") + (norm is None)
+    _check_cosine(device, dtype, norm, affine, basis_dtype, LAYOUTS[key % 4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_layouts(device, dtype, layout):
+    _check_cosine(device, dtype, "layer", "weight+bias", "same", layout)
+
+
+def _check_cosine(device, dtype, norm, affine, basis_dtype, layout):
+    n, d, m = 59, 72, 23
+    gen = torch.Generator().manual_seed(hash((str(dtype), norm, affine, basis_dtype, layout)) % 2**31)
+    h = _h(n, d, dtype, device, layout, gen)
+    basis = torch.randn(m, d, generator=gen).to(torch.float32 if basis_dtype == "fp32" else dtype).to(device)
+    target_row = torch.randint(-1, m, (n,), generator=gen).to(device)
+    nw, nb = _norm_params(d, affine, device, gen)
+    got, ref, truth = _run_cosine(h, basis, target_row, norm=norm, norm_weight=nw, norm_bias=nb)
+    assert_within_rule(got, ref, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cosine_extreme_and_ignored(device):
+    gen = torch.Generator().manual_seed(3)
+    h = (torch.randn(40, 64, generator=gen) * 1e3).to(torch.bfloat16).to(device)
+    basis = (torch.randn(5, 64, generator=gen) * 100).to(device)
+    target_row = torch.randint(0, 5, (40,), generator=gen).to(device)
+    target_row[::4] = -1
+    for norm in ("rms", "layer", None):
+        got, ref, truth = _run_cosine(h, basis, target_row, norm=norm)
+        assert_within_rule(got, ref, truth)
+    none = torch.full((40,), -1, dtype=torch.long, device=device)
+    assert torch.equal(ops.cosine_deviation(h, basis, none, impl="native").cpu(), torch.zeros(40))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cosine_empty_basis_matches_reference(device):
+    h = torch.randn(6, 8, device=device)
+    basis = torch.empty(0, 8, device=device)
+    target_row = torch.tensor([-1, -1, -1, -1, -1, -1], device=device)
+    got = ops.cosine_deviation(h, basis, target_row, impl="native")
+    ref = ops.cosine_deviation(h, basis, target_row, impl="torch")
+    torch.testing.assert_close(got, ref)
+
+
+# ---------------------------------------------------------------- torch.library / torch.compile
+
+
+@_CPU_SKIP
+def test_opcheck_cosine():
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(9, 24, generator=gen).bfloat16()
+    basis = torch.randn(4, 24, generator=gen)
+    target_row = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2, 3])
+    w = torch.rand(24, generator=gen) + 0.5
+    for args in [
+        (h, basis, target_row, "rms", w, None, 1e-6),
+        (h.float(), basis, target_row, "layer", w, torch.randn(24, generator=gen), 1e-5),
+        (h, basis, target_row, "none", None, None, 1e-6),
+    ]:
+        torch.library.opcheck(torch.ops.freezekern.cosine_deviation.default, args)
+
+
+@_CPU_SKIP
+def test_opcheck_logit_lens():
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(9, 24, generator=gen)
+    weight = torch.randn(37, 24, generator=gen).bfloat16()
+    target = torch.tensor([0, 1, 2, 36, -100, 5, 6, 7, 8])
+    for args in [
+        (h, weight, target, torch.randn(37, generator=gen), "rms", None, None, 1e-6, -100),
+        (h.half(), weight, target, None, "layer", torch.rand(24, generator=gen), None, 1e-5, -100),
+        (h, weight.float(), target.clamp(min=0), None, "none", None, None, 1e-6, 5),
+    ]:
+        torch.library.opcheck(torch.ops.freezekern.logit_lens_deviation.default, args)
+
+
+@_CPU_SKIP
+def test_torch_compile_fullgraph_cpu():
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(16, 32, generator=gen).bfloat16()
+    weight = torch.randn(100, 32, generator=gen)
+    target = torch.randint(0, 100, (16,), generator=gen)
+    target[3] = IGNORE
+    nw = torch.rand(32, generator=gen) + 0.5
+
+    def f(h, weight, target, nw):
+        return ops.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=nw, impl="native") * 2.0
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(f, fullgraph=True)
+        got = compiled(h, weight, target, nw)
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc)
+        if any(s in msg for s in ("InvalidCxxCompiler", "CppCompileError", "No such file", "gcc", "g++")):
+            pytest.xfail(f"torch.compile cannot compile C++ on this machine: {msg.splitlines()[0]}")
+        raise
+    expected = f(h, weight, target, nw)
+    torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------- loader and fallback
+
+
+def test_missing_extension_falls_back_and_native_raises(monkeypatch):
+    missing = native._State(reason="the native extension freezekern._C is not built (test)")
+    monkeypatch.setattr(native, "_STATE", missing)
+    cpu = torch.device("cpu")
+    assert not native.has_op("logit_lens_deviation", cpu)
+    assert dispatch.resolve_impl("logit_lens_deviation", "auto", cpu) == "torch"
+    assert dispatch.resolve_impl("cosine_deviation", "auto", cpu) == "torch"
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(5, 16, generator=gen)
+    weight = torch.randn(30, 16, generator=gen)
+    target = torch.randint(0, 30, (5,), generator=gen)
+    auto = ops.logit_lens_deviation(h, weight, target, impl="auto")
+    torch.testing.assert_close(auto, reference.logit_lens_deviation_reference(h, weight, target))
+    with pytest.raises(RuntimeError, match="not built"):
+        ops.logit_lens_deviation(h, weight, target, impl="native")
+    with pytest.raises(RuntimeError, match="not built"):
+        ops.cosine_deviation(h, weight, target, impl="native")
+    info = native.info()
+    assert info["loaded"] is False and info["cpu"] is False and "not built" in info["reason"]
+
+
+def test_not_built_extension_is_silent(monkeypatch):
+    monkeypatch.delenv("FREEZEKERN_DISABLE_NATIVE", raising=False)
+
+    def importer(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = native._load_extension(importer)
+    assert not state.loaded and not state.broken
+    assert "not built" in state.reason
+
+
+def test_broken_extension_warns_once_with_reason(monkeypatch):
+    monkeypatch.delenv("FREEZEKERN_DISABLE_NATIVE", raising=False)
+
+    def importer(name):
+        raise ImportError("freezekern/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+
+    with pytest.warns(RuntimeWarning, match="undefined symbol") as record:
+        state = native._load_extension(importer)
+    assert len(record) == 1
+    assert state.broken and not state.loaded
+    assert "rebuild" in state.reason and "undefined symbol" in state.reason
+    assert not native.has_op("cosine_deviation", "cpu") or native._STATE is not state
+
+
+def test_info_describes_build():
+    info = native.info()
+    for key in ("loaded", "reason", "cpu", "cuda"):
+        assert key in info
+    if info["loaded"]:
+        assert isinstance(info["openmp_threads"], int) and info["openmp_threads"] >= 1
+        assert info["cuda"] == (native.has_op("cosine_deviation", "cuda"))
+    else:
+        assert native.unavailable_reason()
