@@ -52,7 +52,8 @@ def run_measured(benchmark, fn, device):
         holder["peak"] = mem.peak_bytes
         return out
 
-    result = benchmark.pedantic(measured, rounds=1 if FULL else 3, iterations=1, warmup_rounds=0 if FULL else 1)
+    slow = FULL and device.type == "cpu"  # minutes per round on a CPU: one round, no warm-up
+    result = benchmark.pedantic(measured, rounds=1 if slow else 3, iterations=1, warmup_rounds=0 if slow else 1)
     benchmark.extra_info["peak_extra_mib"] = holder["peak"] / 2**20
     return result
 

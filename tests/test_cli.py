@@ -9,7 +9,6 @@ import freezekern as fk
 from freezekern.cli import main
 
 
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
