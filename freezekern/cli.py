@@ -102,11 +102,12 @@ def _check_plan_args(args) -> None:
         raise ValueError("--tokens, --batch-size must be positive and --seq-len at least 2")
 
 
-def _trace_and_plan(args, model, tokenizer):
+def _trace_and_plan(args, model, tokenizer, batches=None):
     import freezekern as fk
 
-    batches = fk.make_batches(tokenizer, args.data, seq_len=args.seq_len, num_tokens=args.tokens,
-                              batch_size=args.batch_size, seed=args.seed)
+    if batches is None:
+        batches = fk.make_batches(tokenizer, args.data, seq_len=args.seq_len, num_tokens=args.tokens,
+                                  batch_size=args.batch_size, seed=args.seed)
     trace = fk.analyze(model, batches, metric=args.metric, impl=args.impl, model_id=args.model or None)
     plan = fk.plan(trace, args.policy, budget=args.budget, min_trainable=args.min_trainable,
                    n_frozen=args.freeze, fraction=args.fraction, train_head=args.train_head)
@@ -147,13 +148,14 @@ def cmd_finetune(args) -> int:
     if args.steps < 1:
         raise ValueError("--steps must be positive")
     model, tokenizer = _load(args)
-    trace, plan = _trace_and_plan(args, model, tokenizer)
+    train_source, eval_source = _train_eval_split(args)
+    sizes = {"seq_len": args.seq_len, "batch_size": args.batch_size}
+    calibration = fk.make_batches(tokenizer, **train_source, num_tokens=args.tokens, seed=args.seed, **sizes)
+    trace, plan = _trace_and_plan(args, model, tokenizer, calibration)
     print(plan)
-    train_batches = fk.make_batches(tokenizer, args.data, seq_len=args.seq_len,
-                                    num_tokens=args.steps * args.batch_size * args.seq_len,
-                                    batch_size=args.batch_size, seed=args.seed + 1)
-    eval_batches = fk.make_batches(tokenizer, args.data, seq_len=args.seq_len, num_tokens=args.eval_tokens,
-                                   batch_size=args.batch_size, seed=args.seed + 2)
+    train_batches = fk.make_batches(tokenizer, **train_source, seed=args.seed + 1, **sizes,
+                                    num_tokens=args.steps * args.batch_size * args.seq_len)
+    eval_batches = fk.make_batches(tokenizer, **eval_source, num_tokens=args.eval_tokens, seed=args.seed, **sizes)
     report = finetune(model, tokenizer, train_batches, eval_batches, plan, steps=args.steps, lr=args.lr,
                       gradient_checkpointing=args.gradient_checkpointing, lora=args.lora, output_dir=args.out,
                       resume=not args.restart, compare=None if args.compare == "none" else args.compare)
@@ -162,6 +164,28 @@ def cmd_finetune(args) -> int:
 
     print(format_report(report))
     return 0
+
+
+def _train_eval_split(args) -> tuple[dict, dict]:
+    """Disjoint training and held-out sources: stdlib files split by file, user records 90/10."""
+    import random
+
+    from freezekern.data import Example, read_examples, split_files, stdlib_files
+
+    if args.data is None:
+        train_files, held_files = split_files(stdlib_files(args.seed))
+        return {"files": train_files}, {"files": held_files}
+    examples = read_examples(args.data)
+    if len(examples) == 1 and examples[0].prompt is None:  # one text: hold out its last tenth
+        text = examples[0].text
+        cut = int(len(text) * 0.9)
+        return {"source": [Example(text=text[:cut])]}, {"source": [Example(text=text[cut:])]}
+    if len(examples) < 2:
+        raise ValueError(f"{args.data} holds one record: finetune needs at least two to hold one out")
+    order = list(range(len(examples)))
+    random.Random(args.seed).shuffle(order)
+    cut = max(1, len(order) // 10)
+    return ({"source": [examples[i] for i in order[cut:]]}, {"source": [examples[i] for i in order[:cut]]})
 
 
 def cmd_bench(args) -> int:

@@ -85,3 +85,22 @@ def test_tiny_dir_loads_like_a_user_model(tiny_dir):
     model, tokenizer = fk.load_model(tiny_dir)
     assert tokenizer("ab")["input_ids"] == [ord("a") - 30, ord("b") - 30]
     assert isinstance(model, torch.nn.Module) and not model.training
+
+
+def test_finetune_trains_above_the_boundary_and_resumes(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(200)))
+    out = tmp_path / "ft"
+    args = ["finetune", "--model", str(tiny_dir), "--data", str(corpus), "--steps", "3", "--tokens", "256",
+            "--seq-len", "32", "--eval-tokens", "128", "--out", str(out), "--lr", "1e-3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "FreezePlan[salf/cosine]" in printed
+    plan = fk.FreezePlan.load(out / "freezekern_plan.json")
+    assert plan.num_layers == 5 and (out / "trace.json").is_file()
+    report = json.loads((out / "report.json").read_text())["freezekern"]
+    assert report["eval_loss_after"] < report["eval_loss_before"]
+    assert report["trainable_params"] < sum(p.numel() for p in fk.load_model(tiny_dir)[0].parameters())
+    assert main(args) == 0  # a second run finds the finished work instead of training again
+    again = json.loads((out / "report.json").read_text())
+    assert again["resume"]["resumed"] and again["freezekern"]["steps_run"] == 0
