@@ -26,9 +26,15 @@ def _rss_high_water_mark() -> int | None:
     return None
 
 
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc), so RSS at entry counts live memory only."""
+def release_memory(device: torch.device | str | None = None) -> None:
+    """Collect garbage and hand freed memory back: the CUDA cache, or the glibc heap.
+
+    Before a CPU measurement this makes the RSS at entry count live memory only.
+    """
     gc.collect()
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        return
     name = ctypes.util.find_library("c")
     if name:
         try:
@@ -59,10 +65,12 @@ class PeakMemory:
         self.device = torch.device(device)
         self.interval = interval
         self.peak_bytes = 0
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss_peak_delta"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
+        release_memory(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -70,7 +78,6 @@ class PeakMemory:
             return self
         import psutil
 
-        _release_free_heap()
         self._process = psutil.Process()
         self._base = self._process.memory_info().rss
         if _reset_high_water_mark() and _rss_high_water_mark() is not None:

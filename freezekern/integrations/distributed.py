@@ -1,0 +1,134 @@
+"""torch.distributed: every rank must train the same parameters.
+
+When each rank traces its own data, the ranks can arrive at different
+boundaries. Two ways to agree, both collective (call them on every rank):
+
+* ``merge_traces(trace)``: all-reduce the per-space deviation sums and token
+  counts, so every rank plans from the same, token-weighted trace of all
+  ranks' data (the preferred way: the plan is then the same everywhere);
+* ``agree_on_boundary(k)`` / ``agree_on_plan(plan)``: all-reduce MIN of the
+  boundary, i.e. freeze no more than the most cautious rank wants.
+
+Without an initialised process group (or with one process) both return their
+input unchanged.
+
+DDP
+---
+Apply the plan to the bare model *before* wrapping it:
+
+    handle = freezekern.truncate.apply(model, plan)
+    model = DistributedDataParallel(model)     # no find_unused_parameters needed
+
+DDP registers the parameters that require grad when it is built; the frozen
+prefix is then simply not part of its buckets, nothing is all-reduced for it,
+and the truncated backward produces a gradient for every parameter DDP knows.
+Moving the boundary later (``reselect_every``) changes that set: it needs
+``find_unused_parameters=True`` (Trainer: ``ddp_find_unused_parameters=True``)
+or rebuilding DDP.
+
+FSDP
+----
+* Apply the plan before sharding, so the flags are on the original parameters.
+* FSDP1 (``FullyShardedDataParallel``): ``use_orig_params=True`` (flat
+  parameters mixing frozen and trained tensors are otherwise refused) and an
+  auto-wrap policy that puts each decoder block in its own unit, e.g.
+  ``transformer_auto_wrap_policy`` with the block class. Frozen blocks then
+  form whole units that are all-gathered for the forward and never take part
+  in the reduce-scatter of gradients. Wrap the embedding with the prefix (or
+  leave it in the root unit); never mix a frozen block and a trained block in
+  one unit.
+* FSDP2 (``fully_shard``): call ``fully_shard`` on each block, then on the
+  root. freezekern's per-instance forward wrapper and the boundary pre-hook
+  run alongside FSDP2's own module hooks; FSDP2's class swap keeps them.
+* Activation checkpointing wrappers (``apply_activation_checkpointing``)
+  replace the blocks in their ModuleList: wrap first, then apply the plan (a
+  forward after blocks were replaced under an applied plan raises).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from freezekern.policy import FreezePlan, cost_model
+from freezekern.trace import DeviationTrace
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised with more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_on_boundary(k: int, group=None) -> int:
+    """The smallest boundary over all ranks (all_reduce MIN); ``k`` when not distributed."""
+    if not is_distributed():
+        return int(k)
+    import torch.distributed as dist
+
+    value = torch.tensor([int(k)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return int(value.item())
+
+
+def agree_on_plan(plan: FreezePlan, parameter_counts: dict | None = None, group=None) -> FreezePlan:
+    """``plan`` with the boundary every rank agrees on (the minimum).
+
+    The cost fields are recomputed for the new boundary; ``trainable_params``
+    needs ``parameter_counts`` (``ModelParts.parameter_counts()`` or the
+    trace's) and is left as it was otherwise. Collective.
+    """
+    k = agree_on_boundary(plan.boundary, group=group)
+    if k == plan.boundary:
+        return plan
+    fraction = (plan.num_layers - k) / plan.num_layers
+    changes = {
+        "boundary": k,
+        "backward_fraction": fraction,
+        "step_flops_fraction": (1.0 + 2.0 * fraction) / 3.0,
+        "notes": [*plan.notes, f"boundary lowered from {plan.boundary} to {k} so that all ranks train the same "
+                               "parameters"],
+    }
+    if parameter_counts is not None:
+        changes.update(cost_model(parameter_counts, plan.num_layers, k, plan.train_head, plan.train_final_norm))
+    return dataclasses.replace(plan, **changes)
+
+
+def merge_traces(trace: DeviationTrace, group=None) -> DeviationTrace:
+    """The token-weighted trace of all ranks' data, identical on every rank. Collective.
+
+    Refuses traces of different models, metrics or norm settings.
+    """
+    if not is_distributed():
+        return trace
+    import torch.distributed as dist
+
+    key = (trace.fingerprint, trace.metric, trace.apply_final_norm, trace.num_layers)
+    keys: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(keys, key, group=group)
+    if any(tuple(other) != key for other in keys):
+        raise ValueError(f"ranks traced different models or metrics: {sorted(set(map(tuple, keys)))}")
+    device = _collective_device()
+    sums = torch.tensor(trace.sums, dtype=torch.float64, device=device)
+    count = torch.tensor([trace.token_count], dtype=torch.int64, device=device)
+    seconds = torch.tensor([trace.seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(count, group=group)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+    merged = DeviationTrace.from_dict(trace.to_dict())
+    merged.sums = sums.tolist()
+    merged.token_count = int(count.item())
+    merged.deviations = [s / merged.token_count for s in merged.sums]
+    merged.seconds = float(seconds.item())
+    merged.notes = [*trace.notes, f"merged over {dist.get_world_size(group)} ranks"]
+    return merged

@@ -1,0 +1,608 @@
+"""Truncated backward: apply a FreezePlan so that the backward pass stops at the boundary.
+
+``apply(model, plan_or_k)`` freezes the embeddings and blocks 1..k, runs that
+frozen prefix without building an autograd graph, and cuts the hidden state
+that enters block k+1 from everything below it. The model is then called the
+ordinary way (``model(input_ids=..., labels=...)``), so any training loop,
+the Hugging Face Trainer, TRL and accelerate keep working unchanged.
+
+How the cut is made (all per instance, all undone by ``FreezeHandle.remove()``):
+
+* the forward of the input embedding and of blocks 1..k is replaced, on the
+  instance only, by a wrapper that calls the original forward under
+  ``torch.no_grad()``. No activation is saved, nothing below the cut gets a
+  ``grad_fn``, and a checkpointed layer (Hugging Face's
+  ``GradientCheckpointingLayer`` checks ``torch.is_grad_enabled()``) runs as a
+  plain forward instead of being checkpointed and recomputed. Module hooks
+  (``enable_input_require_grads``, tracers, FSDP) still run around it.
+* a forward pre-hook on block k+1 replaces its hidden-state input (the first
+  positional argument, or ``hidden_states=``) by ``h.detach()``. When a block
+  at or above the boundary is checkpointed with the reentrant implementation
+  (which only produces gradients for its parameters when an input requires
+  grad), the detached tensor is made a fresh leaf with ``requires_grad=True``:
+  the backward then ends right there, at one small ``AccumulateGrad``.
+  Checkpointing wraps the layer's ``forward``, not its ``__call__``, so the
+  pre-hook runs outside the checkpoint.
+* with tied input/output embeddings the shared matrix is frozen by default;
+  ``train_head=True`` trains it through its output use only (the embedding
+  lookup runs graph-free), which keeps the cut.
+
+Exactness: the values reaching block k+1 are the same tensors the plain model
+computes, and every parameter above the cut receives the gradient of a plain
+backward with the same parameters frozen (no frozen parameter lies on a path
+between the loss and a trainable parameter except through h_k, whose gradient
+is never needed). The tests compare gradients under every setup.
+
+Bad input is refused: k outside [0, L], a plan made for another model,
+applying twice, removing twice, trainable PEFT adapters inside the frozen
+prefix (``frozen_adapters="refuse"``, the default; ``"freeze"`` freezes them),
+parameters shared between the prefix and the trained part, a model already
+wrapped in DistributedDataParallel, and at forward time a model whose blocks
+are not called through their module call or whose block k+1 receives no
+hidden-state tensor.
+
+Order with other tools: apply the plan after ``get_peft_model`` and before
+wrapping in DDP/FSDP or building the optimizer; ``apply`` only ever freezes
+parameters, it never makes one trainable.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from freezekern.adapters import ModelParts, discover
+from freezekern.policy import FreezePlan
+
+logger = logging.getLogger("freezekern.truncate")
+
+FROZEN_ADAPTER_POLICIES = ("refuse", "freeze")
+_HANDLE_ATTR = "_freezekern_handle"
+_STATE_ATTR = "_freezekern_state"
+_INNER_ATTR = "_freezekern_inner_forward"
+
+
+@dataclass
+class _CutState:
+    """Per-forward bookkeeping shared by the wrappers and hooks of one handle."""
+
+    boundary: int
+    blocks: nn.ModuleList
+    recorded_blocks: list[nn.Module]
+    embedding: nn.Module | None = None
+    cut_seen: bool = False
+    prefix_cache: object | None = None  # a freezekern.prefix_cache.PrefixCache, when attached
+    skip_prefix: bool = False  # set by the prefix cache for a forward whose boundary state is cached
+    cached_hidden: torch.Tensor | None = None
+    stats: dict = field(default_factory=lambda: {"cuts": 0, "leaf_cuts": 0})
+
+
+def _graph_free_forward(self, *args, **kwargs):
+    """Per-instance forward of a frozen module: the original forward under ``torch.no_grad()``."""
+    state: _CutState | None = self.__dict__.get(_STATE_ATTR)
+    cache = state.prefix_cache if state is not None else None
+    if cache is not None:
+        if self is state.embedding:  # the embedding starts a forward: a cache hit may skip the prefix
+            cache.arm(args, kwargs)
+        if state.skip_prefix:
+            return _skipped_output(self, state, args, kwargs)
+    if torch.is_grad_enabled() and _would_checkpoint(self):
+        kwargs = _drop_cache_like_checkpointing(self, kwargs)
+    inner = self.__dict__.get(_INNER_ATTR)
+    with torch.no_grad():
+        out = inner(*args, **kwargs) if inner is not None else type(self).forward(self, *args, **kwargs)
+    if cache is not None:
+        cache.note_output(self, out)
+    return out
+
+
+def _skipped_output(module: nn.Module, state: _CutState, args, kwargs):
+    """Stand-in output of a frozen module whose result the prefix cache already holds.
+
+    The embedding returns the cached boundary state (right shape, dtype and
+    device; its values are replaced at the cut anyway); a block passes its
+    hidden-state input through.
+    """
+    if module is state.embedding:
+        return state.cached_hidden
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _would_checkpoint(module: nn.Module) -> bool:
+    return bool(getattr(module, "gradient_checkpointing", False)) and module.training
+
+
+def _drop_cache_like_checkpointing(module: nn.Module, kwargs: dict) -> dict:
+    """What GradientCheckpointingLayer does to the cache arguments of a layer it checkpoints.
+
+    A frozen layer runs graph-free instead of checkpointed; it gets the same
+    arguments the checkpointed call would have had, so it never fills a KV
+    cache during training either.
+    """
+    if getattr(module, "_can_checkpoint_with_cache", False):
+        return kwargs
+    changed = dict(kwargs)
+    if changed.get("use_cache"):
+        changed["use_cache"] = False
+    for name in ("cache", "layer_past", "past_key_values", "past_key_value"):
+        if changed.get(name) is not None:
+            changed[name] = None
+    return changed
+
+
+def _checkpoint_is_reentrant(func) -> bool:
+    """Whether a layer's checkpoint function is the reentrant one (unknown counts as reentrant)."""
+    keywords: dict = {}
+    while isinstance(func, functools.partial):
+        for key, value in func.keywords.items():
+            keywords.setdefault(key, value)
+        func = func.func
+    if "use_reentrant" in keywords:
+        return keywords["use_reentrant"] is not False
+    # torch.utils.checkpoint.checkpoint defaults to the reentrant variant when use_reentrant is not given;
+    # an unknown checkpoint function is treated the same way (the safe choice: the cut then requires grad).
+    return True
+
+
+def _needs_input_grad(block: nn.Module) -> bool:
+    """True if ``block`` will run a reentrant checkpoint, which needs an input that requires grad."""
+    impl = getattr(block, "checkpoint_impl", None)  # torch.distributed CheckpointWrapper
+    if impl is not None:
+        return getattr(impl, "name", "") == "REENTRANT"
+    if _would_checkpoint(block):
+        return _checkpoint_is_reentrant(getattr(block, "_gradient_checkpointing_func", None))
+    return False
+
+
+class FreezeHandle:
+    """An applied plan. ``remove()`` restores the model exactly; also a context manager.
+
+    Attributes: ``boundary`` (k, the number of frozen blocks), ``num_layers``,
+    ``plan`` (the FreezePlan or None for a bare k), ``parts``, ``train_head``,
+    ``train_final_norm``, ``active``.
+    """
+
+    def __init__(self, model: nn.Module, parts: ModelParts, boundary: int, plan: FreezePlan | None,
+                 train_head: bool, train_final_norm: bool, state: _CutState):
+        self.model = model
+        self.parts = parts
+        self.boundary = boundary
+        self.num_layers = parts.num_layers
+        self.plan = plan
+        self.train_head = train_head
+        self.train_final_norm = train_final_norm
+        self.active = True
+        self._state = state
+        self._changed_flags: list[nn.Parameter] = []
+        self._wrapped: list[tuple[nn.Module, bool]] = []  # (module, had its own instance forward)
+        self._hooks: list = []
+        self._frozen_adapters: list[str] = []
+
+    # -- what it did -------------------------------------------------------------------------
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters this handle switched to requires_grad=False."""
+        return list(self._changed_flags)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return trainable_parameters(self.model)
+
+    @property
+    def frozen_adapter_names(self) -> list[str]:
+        """Names of PEFT adapter parameters frozen because they lie below the boundary."""
+        return list(self._frozen_adapters)
+
+    @property
+    def embedding(self) -> nn.Module:
+        """The input embedding module whose forward runs graph-free."""
+        return self._state.embedding
+
+    @property
+    def stats(self) -> dict:
+        """Counters: ``cuts`` (forwards cut at the boundary), ``leaf_cuts`` (cuts that made a grad leaf)."""
+        return dict(self._state.stats)
+
+    def summary(self) -> dict:
+        trainable = trainable_parameters(self.model)
+        return {
+            "boundary": self.boundary,
+            "num_layers": self.num_layers,
+            "trained_blocks": list(range(self.boundary + 1, self.num_layers + 1)),
+            "train_head": self.train_head,
+            "train_final_norm": self.train_final_norm,
+            "tied": self.parts.tied,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "frozen_by_handle": sum(p.numel() for p in self._changed_flags),
+            "frozen_adapters": len(self._frozen_adapters),
+            "prefix_cache": self._state.prefix_cache is not None,
+            "active": self.active,
+        }
+
+    def __repr__(self) -> str:
+        status = "active" if self.active else "removed"
+        return f"FreezeHandle(boundary={self.boundary}, num_layers={self.num_layers}, {status})"
+
+    def __enter__(self) -> FreezeHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.remove()
+
+    # -- undo ---------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Undo everything ``apply`` did: forwards, hooks, requires_grad flags, the model's marker.
+
+        Raises RuntimeError when called twice, or (changing nothing) when
+        another tool has since wrapped one of the forwards freezekern replaced.
+        """
+        if not self.active:
+            raise RuntimeError("this FreezeHandle was already removed; the model is in its original state")
+        for module, _ in self._wrapped:
+            current = module.__dict__.get("forward")
+            if not (isinstance(current, types.MethodType) and current.__func__ is _graph_free_forward):
+                raise RuntimeError(
+                    f"cannot restore {type(module).__name__}.forward: something replaced freezekern's per-instance "
+                    f"forward after apply() (found {current!r}); undo that wrapper first, then remove()"
+                )
+        if self._state.prefix_cache is not None:
+            self._state.prefix_cache.detach()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for module, had_own in self._wrapped:
+            inner = module.__dict__.pop(_INNER_ATTR, None)
+            module.__dict__.pop(_STATE_ATTR, None)
+            if had_own:
+                module.forward = inner
+            else:
+                del module.__dict__["forward"]
+        self._wrapped.clear()
+        for p in self._changed_flags:
+            p.requires_grad_(True)
+        self._changed_flags.clear()
+        for owner in (self.parts.blocks, self.model):
+            if owner.__dict__.get(_HANDLE_ATTR) is self:
+                del owner.__dict__[_HANDLE_ATTR]
+        self.active = False
+
+
+def active_handle(model: nn.Module) -> FreezeHandle | None:
+    """The FreezeHandle applied to ``model`` (or to its block list), if any."""
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    if handle is not None:
+        return handle
+    try:
+        parts = discover(_unwrap_peft(model)[0])
+    except (ValueError, TypeError):
+        return None
+    return parts.blocks.__dict__.get(_HANDLE_ATTR)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad, each once: build the optimizer from these.
+
+        optimizer = torch.optim.AdamW(freezekern.truncate.trainable_parameters(model), lr=1e-4)
+    """
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def named_trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# -- apply ------------------------------------------------------------------------------------
+
+def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, bool]:
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__module__.startswith("peft"):
+        return get_base(), True
+    return model, False
+
+
+def _adapter_parameter_ids(model: nn.Module) -> dict[int, str]:
+    """id -> name of PEFT adapter parameters (LoRA A/B, magnitudes, ...) in ``model``."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: fall back to names
+        BaseTunerLayer = None
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[int, str] = {}
+    for module in model.modules():
+        if BaseTunerLayer is not None and isinstance(module, BaseTunerLayer):
+            for attr in getattr(module, "adapter_layer_names", ()):
+                sub = getattr(module, attr, None)
+                if isinstance(sub, (nn.Module, nn.ParameterDict)):
+                    for p in sub.parameters():
+                        found[id(p)] = names.get(id(p), attr)
+    if BaseTunerLayer is None:
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                found[id(p)] = n
+    return found
+
+
+class _RenamedParameters(nn.Module):
+    """named_parameters() of a PEFT-wrapped model as the base model had them (adapters left out)."""
+
+    def __init__(self, base: nn.Module, skip: set[int]):
+        super().__init__()
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_skip", skip)
+
+    def named_parameters(self, *args, **kwargs):  # noqa: D401 - mirrors nn.Module
+        for name, p in self._base.named_parameters():
+            if id(p) in self._skip:
+                continue
+            yield name.replace(".base_layer.", "."), p
+
+
+def _fingerprints(model: nn.Module, parts: ModelParts) -> set[str]:
+    """The model's fingerprint, and the one it had before PEFT adapters were injected."""
+    prints = {parts.fingerprint()}
+    base, _ = _unwrap_peft(model)
+    adapters = _adapter_parameter_ids(base)
+    if adapters or base is not model:
+        proxy = types.SimpleNamespace(model_type=parts.model_type, num_layers=parts.num_layers,
+                                      model=_RenamedParameters(base, set(adapters)))
+        prints.add(ModelParts.fingerprint(proxy))
+    return prints
+
+
+def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeHandle:
+    """Move an applied boundary deeper (never shallower); returns the new handle.
+
+    Parameters that become frozen lose their ``.grad`` and, when ``optimizer``
+    is given (a torch optimizer, or a wrapper with ``.optimizer``), their
+    optimizer state (Adam moments); they stay in its parameter groups, where a
+    parameter without a gradient is skipped, so saved optimizer states keep
+    their layout. Adapters inside newly frozen blocks are frozen too.
+    """
+    if not handle.active:
+        raise RuntimeError("this FreezeHandle was already removed; apply() a plan instead")
+    _, k = _as_plan(plan_or_k)
+    if k < handle.boundary:
+        raise ValueError(f"the boundary only moves deeper: {handle.boundary} -> {k} would unfreeze blocks")
+    if k == handle.boundary and not isinstance(plan_or_k, (FreezePlan, Mapping)):
+        return handle
+    before = {id(p) for p in trainable_parameters(handle.model)}
+    model, parts, train_head, train_norm = handle.model, handle.parts, handle.train_head, handle.train_final_norm
+    cache = handle._state.prefix_cache
+    handle.remove()
+    new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
+                frozen_adapters="freeze")
+    newly_frozen = [p for p in model.parameters() if id(p) in before and not p.requires_grad]
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for p in newly_frozen:
+        p.grad = None
+        if inner is not None:
+            inner.state.pop(p, None)
+    if cache is not None:
+        cache.attach(new)
+    logger.info("boundary moved %d -> %d: %d parameter tensors newly frozen", handle.boundary, new.boundary,
+                len(newly_frozen))
+    return new
+
+
+def _as_plan(plan_or_k) -> tuple[FreezePlan | None, int]:
+    if isinstance(plan_or_k, FreezePlan):
+        return plan_or_k, int(plan_or_k.boundary)
+    if isinstance(plan_or_k, Mapping):
+        plan = FreezePlan.from_dict(plan_or_k)
+        return plan, int(plan.boundary)
+    if isinstance(plan_or_k, bool) or not isinstance(plan_or_k, int):
+        raise TypeError(f"plan_or_k must be a FreezePlan or an int boundary, got {type(plan_or_k).__name__}")
+    return None, int(plan_or_k)
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        raise ValueError(
+            f"apply() got a {type(model).__name__}: apply the plan to the bare model before wrapping it "
+            "(DDP records which parameters require grad when it is built)"
+        )
+
+
+def apply(
+    model: nn.Module,
+    plan_or_k,
+    *,
+    train_head: bool | None = None,
+    train_final_norm: bool | None = None,
+    parts: ModelParts | None = None,
+    frozen_adapters: str = "refuse",
+) -> FreezeHandle:
+    """Freeze the embeddings and blocks 1..k of ``model`` and cut its backward pass at block k+1.
+
+    ``plan_or_k``: a FreezePlan (checked against the model: same number of
+    blocks and fingerprint) or an int k in [0, L]. ``train_head`` defaults to
+    the plan's choice (for a bare k: trained unless tied to the input
+    embedding); ``train_final_norm`` to the plan's (True for a bare k).
+    ``frozen_adapters``: what to do with trainable PEFT adapter parameters
+    inside the frozen prefix: ``"refuse"`` (raise; build LoRA above the
+    boundary with ``freezekern.integrations.peft.lora_config_for_plan``) or
+    ``"freeze"``. Returns a FreezeHandle; ``handle.remove()`` undoes it all.
+    """
+    if frozen_adapters not in FROZEN_ADAPTER_POLICIES:
+        raise ValueError(f"frozen_adapters must be one of {FROZEN_ADAPTER_POLICIES}, got {frozen_adapters!r}")
+    _check_not_wrapped(model)
+    plan, k = _as_plan(plan_or_k)
+    parts = parts or discover(model)
+    num_layers = parts.num_layers
+    if plan is not None:
+        if plan.num_layers != num_layers:
+            raise ValueError(
+                f"the plan was made for a model with {plan.num_layers} blocks, this {type(model).__name__} has "
+                f"{num_layers}: analyse this model and plan again"
+            )
+        prints = _fingerprints(model, parts)
+        if plan.fingerprint not in prints:
+            raise ValueError(
+                f"the plan was made for another model (fingerprint {plan.fingerprint}, model id {plan.model_id!r}); "
+                f"this model's fingerprint is {parts.fingerprint()}: analyse this model and plan again"
+            )
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"boundary k={k} is outside [0, {num_layers}] (the model has {num_layers} blocks)")
+    existing = active_handle(model) or parts.blocks.__dict__.get(_HANDLE_ATTR)
+    if existing is not None and existing.active:
+        raise RuntimeError(
+            f"a freeze plan is already applied to this model ({existing!r}); call handle.remove() first"
+        )
+    if train_head is None:
+        train_head = plan.train_head if plan is not None else not parts.tied
+    if train_final_norm is None:
+        train_final_norm = plan.train_final_norm if plan is not None else True
+
+    base, _ = _unwrap_peft(model)
+    embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embedding is None:
+        raise ValueError(
+            f"{type(base).__name__} exposes no input embedding (get_input_embeddings() is None): "
+            "freezekern cannot run the frozen prefix graph-free"
+        )
+
+    # Which parameters train (never more than before): blocks k+1..L, final norm, head.
+    region: dict[int, nn.Parameter] = {}
+    for block in parts.blocks[k:]:
+        region.update((id(p), p) for p in block.parameters())
+    if train_final_norm and parts.final_norm is not None:
+        region.update((id(p), p) for p in parts.final_norm.parameters())
+    if train_head:
+        region.update((id(p), p) for p in parts.lm_head.parameters())
+    head_ids = {id(p) for p in parts.lm_head.parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    prefix_ids: dict[int, nn.Parameter] = {}
+    for module in [embedding, *parts.blocks[:k]]:
+        prefix_ids.update((id(p), p) for p in module.parameters())
+    shared = [names.get(i, "?") for i in prefix_ids if i in region and not (train_head and i in head_ids)]
+    if shared:
+        raise ValueError(
+            f"cannot cut {type(base).__name__} at block {k}: parameters are shared between the frozen prefix and "
+            f"the trained blocks ({', '.join(shared[:5])}); the cut would drop their gradient from the prefix use. "
+            "Pick a boundary below the first shared block or train the model without freezekern"
+        )
+
+    adapters = _adapter_parameter_ids(base)
+    to_freeze = [p for p in model.parameters() if p.requires_grad and id(p) not in region]
+    frozen_adapter_names = [adapters[id(p)] for p in to_freeze if id(p) in adapters]
+    if frozen_adapter_names and frozen_adapters == "refuse":
+        shown = ", ".join(frozen_adapter_names[:4]) + (" ..." if len(frozen_adapter_names) > 4 else "")
+        raise ValueError(
+            f"{len(frozen_adapter_names)} trainable adapter parameters lie below the freeze boundary k={k} ({shown}). "
+            "Build the adapters above the boundary only (freezekern.integrations.peft.lora_config_for_plan(plan) "
+            "or layers_to_transform(plan)), or pass frozen_adapters='freeze' to freeze them"
+        )
+
+    state = _CutState(boundary=k, blocks=parts.blocks, recorded_blocks=list(parts.blocks), embedding=embedding)
+    handle = FreezeHandle(model, parts, k, plan, bool(train_head), bool(train_final_norm), state)
+    handle._frozen_adapters = frozen_adapter_names
+    try:
+        for p in to_freeze:
+            p.requires_grad_(False)
+            p.grad = None
+            handle._changed_flags.append(p)
+        for module in [embedding, *parts.blocks[:k]]:
+            _wrap_forward(handle, module, state)
+        handle._hooks.append(parts.blocks[0].register_forward_pre_hook(_make_start_hook(state, parts)))
+        if k < num_layers:
+            cut_block = parts.blocks[k]
+            handle._hooks.append(
+                cut_block.register_forward_pre_hook(_make_cut_hook(state, k), with_kwargs=True)
+            )
+            handle._hooks.append(parts.lm_head.register_forward_pre_hook(_make_check_hook(state, parts, model)))
+    except BaseException:
+        handle.remove()
+        raise
+    model.__dict__[_HANDLE_ATTR] = handle
+    parts.blocks.__dict__[_HANDLE_ATTR] = handle
+    logger.info(
+        "freeze plan applied: embeddings + blocks 1..%d of %d frozen (%d parameters frozen%s); backward stops at "
+        "block %d", k, num_layers, sum(p.numel() for p in handle._changed_flags),
+        f", {len(frozen_adapter_names)} adapter tensors among them" if frozen_adapter_names else "",
+        k + 1,
+    )
+    return handle
+
+
+def _wrap_forward(handle: FreezeHandle, module: nn.Module, state: _CutState) -> None:
+    current = module.__dict__.get("forward")
+    if isinstance(current, types.MethodType) and current.__func__ is _graph_free_forward:
+        raise RuntimeError(f"{type(module).__name__} already runs graph-free: a plan is already applied")
+    had_own = current is not None
+    if had_own:
+        module.__dict__[_INNER_ATTR] = current
+    module.__dict__[_STATE_ATTR] = state
+    module.forward = types.MethodType(_graph_free_forward, module)
+    handle._wrapped.append((module, had_own))
+
+
+def _make_start_hook(state: _CutState, parts: ModelParts):
+    def start_of_forward(module, args):
+        state.cut_seen = False
+        blocks = state.blocks
+        if len(blocks) != len(state.recorded_blocks) or any(
+            a is not b for a, b in zip(blocks, state.recorded_blocks)
+        ):
+            found = ", ".join(type(b).__name__ for b in blocks[: state.boundary + 1])
+            raise RuntimeError(
+                f"the blocks of '{parts.blocks_path}' were replaced after the freeze plan was applied (found {found}); "
+                "wrap the blocks first (activation checkpointing wrappers, FSDP), then apply the plan"
+            )
+        return None
+
+    return start_of_forward
+
+
+def _make_cut_hook(state: _CutState, k: int):
+    def cut(module, args, kwargs):
+        state.cut_seen = True
+        if args and isinstance(args[0], torch.Tensor):
+            hidden, in_args = args[0], True
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            hidden, in_args = kwargs["hidden_states"], False
+        else:
+            arg_types = [type(a).__name__ for a in args]
+            raise TypeError(
+                f"freezekern cannot cut the input of block {k + 1} ({type(module).__name__}): expected the hidden "
+                f"state as its first positional argument or as hidden_states=, found positional arguments "
+                f"{arg_types} and keyword arguments {sorted(kwargs)}"
+            )
+        if state.prefix_cache is not None:
+            hidden = state.prefix_cache.on_boundary(hidden)
+        cut_hidden = hidden.detach()
+        if torch.is_grad_enabled():
+            state.stats["cuts"] += 1
+            if any(_needs_input_grad(b) for b in state.recorded_blocks[k:]):
+                cut_hidden.requires_grad_(True)
+                state.stats["leaf_cuts"] += 1
+        if in_args:
+            return (cut_hidden, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = cut_hidden
+        return args, kwargs
+
+    return cut
+
+
+def _make_check_hook(state: _CutState, parts: ModelParts, model: nn.Module):
+    def check(module, args):
+        if torch.is_grad_enabled() and not state.cut_seen:
+            raise RuntimeError(
+                f"the forward of {type(model).__name__} reached its LM head without calling block {state.boundary + 1} "
+                f"of '{parts.blocks_path}' ({type(parts.blocks[state.boundary]).__name__}) through its module call, "
+                "so freezekern could not cut the backward there; this model's forward cannot be cut cleanly "
+                "(pass layers='path.to.blocks' to discover() if the block list is another one)"
+            )
+        return None
+
+    return check
