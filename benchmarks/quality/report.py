@@ -54,7 +54,12 @@ def sweep_rows(meta: dict, runs: dict, task: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["k"])
 
 
-def verdict(rows: list[dict], baseline: float) -> str:
+def flops_fraction(boundary: int, num_layers: int) -> float:
+    """Estimated step FLOPs of training above ``boundary`` relative to full fine-tuning."""
+    return (1 + 2 * (num_layers - boundary) / num_layers) / 3
+
+
+def verdict(rows: list[dict], baseline: float, num_layers: int) -> str:
     by_arm = {r["arm"]: r for r in rows}
     full, salf = by_arm["full"], by_arm["salf/cosine"]
     heuristics = [by_arm[a] for a in ("freeze half", "freeze 75%", "reduction") if a in by_arm]
@@ -66,14 +71,16 @@ def verdict(rows: list[dict], baseline: float) -> str:
         f"salf/cosine (freeze {salf['boundary']}) reaches held-out loss {salf['loss']:.4f} ± {salf['spread']:.4f} "
         f"against {full['loss']:.4f} ± {full['spread']:.4f} for full fine-tuning "
         f"(no training: {baseline:.4f}); it keeps {share:.0%} of full fine-tuning's improvement "
-        f"at {salf['step'] / full['step']:.2f}x its step time.",
+        f"at {flops_fraction(salf['boundary'], num_layers):.0%} of its estimated step FLOPs.",
     ]
     if best_heuristic["loss"] < salf["loss"] - max(salf["spread"], best_heuristic["spread"]):
         parts.append(f"The heuristic '{best_heuristic['arm']}' (freeze {best_heuristic['boundary']}) beats it: "
-                     f"{best_heuristic['loss']:.4f} at {best_heuristic['step'] / full['step']:.2f}x the full step time.")
+                     f"{best_heuristic['loss']:.4f} at {flops_fraction(best_heuristic['boundary'], num_layers):.0%} of the "
+                     "full step FLOPs.")
     else:
         parts.append(f"Best heuristic: '{best_heuristic['arm']}' (freeze {best_heuristic['boundary']}) at "
-                     f"{best_heuristic['loss']:.4f}, {best_heuristic['step'] / full['step']:.2f}x the full step time.")
+                     f"{best_heuristic['loss']:.4f}, {flops_fraction(best_heuristic['boundary'], num_layers):.0%} of the "
+                     "full step FLOPs.")
     return " ".join(parts)
 
 
@@ -96,8 +103,9 @@ def plot_task(out: Path, task: str, meta: dict, rows: list[dict], sweep: list[di
         ax.set_xlabel("boundary k (blocks frozen)")
         ax.set_ylabel("held-out loss")
         ax2 = ax.twinx()
-        ax2.plot(ks, [r["step"] for r in sweep], "s--", color="tab:green", alpha=0.6, label="step time (s)")
-        ax2.set_ylabel("step time (s)", color="tab:green")
+        num_layers = meta["num_layers"]
+        ax2.plot(ks, [flops_fraction(k, num_layers) for k in ks], "s--", color="tab:green", alpha=0.6)
+        ax2.set_ylabel("estimated step FLOPs / full fine-tuning", color="tab:green")
         ax.legend(loc="upper left", fontsize=8)
         ax.set_title(f"{task}: quality against backward cost")
         fig.tight_layout()
@@ -130,7 +138,10 @@ def write_report(out: Path, meta: dict, runs: dict) -> None:
              f"seeds {meta['seeds']}, learning rates {meta['full_lrs']} (full-parameter arms) and "
              f"{meta['lora_lrs']} (LoRA r=8), sweep at lr {meta['sweep_lr']:g}, CPU with "
              f"{meta['threads']} threads, fp32. Losses are mean next-token losses (nats) on held-out data "
-             "never seen in training; ± is half the range over seeds.", ""]
+             "never seen in training; ± is half the range over seeds. 'FLOPs' is the cost model's estimated "
+             "step FLOPs relative to full fine-tuning, (1 + 2 (L - k) / L) / 3. Measured step times and peak "
+             "RSS come from one thread on a shared 2-core machine that other jobs loaded unevenly during the "
+             "study: treat them as indicative, and see docs/benchmarks.md for controlled step timings.", ""]
     for task, info in meta["tasks"].items():
         rows = arm_summary(meta, runs, task)
         sweep = sweep_rows(meta, runs, task)
@@ -140,17 +151,18 @@ def write_report(out: Path, meta: dict, runs: dict) -> None:
                   "training data: " + ", ".join(f"{k} = {v}" for k, v in info["plans"].items()),
                   f"- no training: held-out loss {info['baseline_loss']:.4f} "
                   f"(perplexity {math.exp(info['baseline_loss']):.2f})", "",
-                  "| arm | frozen blocks | best lr | held-out loss | perplexity | trainable params | step (s) | "
-                  "peak mem (MiB) |", "|---|---|---|---|---|---|---|---|"]
+                  "| arm | frozen blocks | best lr | held-out loss | perplexity | trainable params | FLOPs | "
+                  "step (s) | peak mem (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['arm']} | {r['boundary']} | {r['best_lr']:g} | {r['loss']:.4f} ± {r['spread']:.4f} | "
-                         f"{math.exp(r['loss']):.2f} | {r['trainable']:,} | {r['step']:.2f} | {r['mem']:.0f} |")
-        lines += ["", "**Verdict.** " + verdict(rows, info["baseline_loss"]), ""]
+                         f"{math.exp(r['loss']):.2f} | {r['trainable']:,} | "
+                         f"{flops_fraction(r['boundary'], meta['num_layers']):.0%} | {r['step']:.2f} | {r['mem']:.0f} |")
+        lines += ["", "**Verdict.** " + verdict(rows, info["baseline_loss"], meta["num_layers"]), ""]
         if sweep:
-            lines += ["Cost-benefit sweep (one seed):", "", "| frozen blocks k | held-out loss | step (s) | "
-                      "peak mem (MiB) | trainable params |", "|---|---|---|---|---|"]
-            lines += [f"| {r['k']} | {r['loss']:.4f} | {r['step']:.2f} | {r['mem']:.0f} | {r['trainable']:,} |"
-                      for r in sweep]
+            lines += ["Cost-benefit sweep (one seed):", "", "| frozen blocks k | held-out loss | FLOPs | step (s) | "
+                      "peak mem (MiB) | trainable params |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['k']} | {r['loss']:.4f} | {flops_fraction(r['k'], meta['num_layers']):.0%} | "
+                      f"{r['step']:.2f} | {r['mem']:.0f} | {r['trainable']:,} |" for r in sweep]
             lines.append("")
         lines += [f"![{n}]({n})" for n in images] + [""]
         lines += ["All runs (held-out loss per seed, per learning rate):", ""]
