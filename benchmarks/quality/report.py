@@ -140,8 +140,9 @@ def write_report(out: Path, meta: dict, runs: dict) -> None:
              f"{meta['threads']} threads, fp32. Losses are mean next-token losses (nats) on held-out data "
              "never seen in training; ± is half the range over seeds. 'FLOPs' is the cost model's estimated "
              "step FLOPs relative to full fine-tuning, (1 + 2 (L - k) / L) / 3. Measured step times and peak "
-             "RSS come from one thread on a shared 2-core machine that other jobs loaded unevenly during the "
-             "study: treat them as indicative, and see docs/benchmarks.md for controlled step timings.", ""]
+             f"RSS come from {meta['threads']} thread(s) on a shared 2-core machine that other jobs loaded "
+             "unevenly during the study: treat them as indicative, and see docs/benchmarks.md for controlled "
+             "step timings.", ""]
     for task, info in meta["tasks"].items():
         rows = arm_summary(meta, runs, task)
         sweep = sweep_rows(meta, runs, task)
