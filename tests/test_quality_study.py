@@ -18,8 +18,8 @@ def test_quick_study_writes_results(tmp_path, monkeypatch):
     import study
 
     assert study.main(["--quick", "--out", str(tmp_path), "--steps", "2", "--sweep-points", "3"]) == 0
-    meta = json.loads((tmp_path / "study.json").read_text())
-    assert set(meta["tasks"]) == {"code", "chat"}
+    metas = [json.loads((tmp_path / f"study_{t}.json").read_text()) for t in ("code", "chat")]
+    assert [set(m["tasks"]) for m in metas] == [{"code"}, {"chat"}]
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert runs and all(r["held_out_loss"] > 0 and r["tokens_seen"] > 0 for r in runs)
     report = (tmp_path / "results.md").read_text()
@@ -28,3 +28,6 @@ def test_quick_study_writes_results(tmp_path, monkeypatch):
     # A second run resumes: every run is already recorded, nothing is trained again.
     assert study.main(["--quick", "--out", str(tmp_path), "--steps", "2", "--sweep-points", "3"]) == 0
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(runs)
+    (tmp_path / "results.md").unlink()
+    assert study.main(["--quick", "--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "results.md").read_text() == report

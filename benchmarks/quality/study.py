@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", default=["code", "chat"], choices=["code", "chat"])
     parser.add_argument("--sweep-points", type=int, default=8)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild results.md from OUT/study_*.json and OUT/runs.jsonl without training")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 keeps step times comparable on a shared machine")
     args = parser.parse_args(argv)
@@ -241,6 +243,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.jsonl"
     runs = load_runs(runs_path)
+    if args.report_only:
+        return write_merged_report(out, runs)
 
     if args.quick:
         tokenizer = _default_tokenizer()
@@ -296,10 +300,22 @@ def main(argv=None) -> int:
         run_jobs(repeats, runs, runs_path, base, task, steps)
         jobs += repeats
         meta["tasks"][task_name]["jobs"] = [list(j) for j in jobs]
-    (out / "study.json").write_text(json.dumps(meta, indent=2))
+        task_meta = {**meta, "tasks": {task_name: meta["tasks"][task_name]}}
+        (out / f"study_{task_name}.json").write_text(json.dumps(task_meta, indent=2))
+    return write_merged_report(out, runs)
+
+
+def write_merged_report(out: Path, runs: dict) -> int:
+    """results.md over every task whose study_<task>.json is in ``out`` (tasks may run in separate processes)."""
     from report import write_report
 
-    write_report(out, meta, runs)
+    metas = [json.loads(p.read_text()) for p in sorted(out.glob("study_*.json"))]
+    if not metas:
+        raise SystemExit(f"no study_*.json in {out}: run the study first")
+    merged = {**metas[0], "tasks": {}}
+    for meta in metas:
+        merged["tasks"].update(meta["tasks"])
+    write_report(out, merged, runs)
     print(f"wrote {out / 'results.md'}")
     return 0
 
