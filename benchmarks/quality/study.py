@@ -208,10 +208,19 @@ def load_runs(path: Path) -> dict[str, dict]:
     return runs
 
 
-def run_jobs(jobs: list[tuple], runs: dict, runs_path: Path, base, task: Task, steps: int) -> None:
-    """Train every job not yet in ``runs``; append each result to ``runs_path`` as it finishes."""
+def run_jobs(jobs: list[tuple], runs: dict, runs_path: Path, base, task: Task, steps: int,
+             shard: tuple[int, int] = (0, 1)) -> None:
+    """Train every job of this shard not yet in ``runs``; append each result to ``runs_path``.
+
+    With several shards (processes), each trains the jobs whose index is its own
+    modulo the shard count, then waits until the other shards' results are on disk.
+    """
+    mine, count = shard
+    keys = [run_key(task.name, j[1], j[2], j[3], j[4], steps) for j in jobs]
     for index, (arm, boundary, lora, lr, seed) in enumerate(jobs):
-        key = run_key(task.name, boundary, lora, lr, seed, steps)
+        key = keys[index]
+        if index % count != mine:
+            continue
         if key not in runs:
             result = train_run(base, task, boundary=boundary, lora=lora, lr=lr, seed=seed, steps=steps)
             runs[key] = {"key": key, "task": task.name, "boundary": boundary, "lora": lora, "lr": lr,
@@ -222,6 +231,9 @@ def run_jobs(jobs: list[tuple], runs: dict, runs_path: Path, base, task: Task, s
         print(f"[{task.name} {index + 1}/{len(jobs)}] {arm:16s} k={boundary:2d} lr={lr:g} seed={seed}: "
               f"held-out {r['held_out_loss']:.4f}, step {r['step_time_s']:.2f} s, "
               f"peak {r['peak_mem_mib']:.0f} MiB", flush=True)
+    while count > 1 and not all(k in runs for k in keys):
+        time.sleep(10)
+        runs.update(load_runs(runs_path))
 
 
 def main(argv=None) -> int:
@@ -232,6 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", default=["code", "chat"], choices=["code", "chat"])
     parser.add_argument("--sweep-points", type=int, default=8)
+    parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th job from i")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild results.md from OUT/study_*.json and OUT/runs.jsonl without training")
     parser.add_argument("--threads", type=int, default=None,
@@ -245,6 +258,9 @@ def main(argv=None) -> int:
     runs = load_runs(runs_path)
     if args.report_only:
         return write_merged_report(out, runs)
+    shard = tuple(int(x) for x in args.shard.split("/"))
+    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+        raise SystemExit(f"--shard must be i/n with 0 <= i < n, got {args.shard}")
 
     if args.quick:
         tokenizer = _default_tokenizer()
@@ -290,14 +306,14 @@ def main(argv=None) -> int:
                 for lr in (lora_lrs if a["lora"] else full_lrs)]
         grid = sorted({round(i * (num_layers - 1) / (args.sweep_points - 1)) for i in range(args.sweep_points)})
         jobs += [("sweep", k, False, sweep_lr, seeds[0]) for k in grid]
-        run_jobs(jobs, runs, runs_path, base, task, steps)
+        run_jobs(jobs, runs, runs_path, base, task, steps, shard)
         repeats = []
         for a in arms:
             rates = lora_lrs if a["lora"] else full_lrs
             best = min(rates, key=lambda lr, a=a: runs[run_key(task_name, a["boundary"], a["lora"], lr, seeds[0],
                                                                steps)]["held_out_loss"])
             repeats += [(a["arm"], a["boundary"], a["lora"], best, seed) for seed in seeds[1:]]
-        run_jobs(repeats, runs, runs_path, base, task, steps)
+        run_jobs(repeats, runs, runs_path, base, task, steps, shard)
         jobs += repeats
         meta["tasks"][task_name]["jobs"] = [list(j) for j in jobs]
         task_meta = {**meta, "tasks": {task_name: meta["tasks"][task_name]}}
