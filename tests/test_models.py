@@ -1,6 +1,7 @@
 """Default-model cache: complete entries load, incomplete ones are detected and rebuilt."""
 
 import json
+import shutil
 
 import pytest
 
@@ -27,18 +28,17 @@ def test_parse_dtype():
 
 
 @pytest.mark.slow
-def test_default_model_cache_is_rebuilt_when_corrupt(default_model, monkeypatch):
-    path = models.default_model_dir()
-    assert models._cache_is_complete(path)
-    weights = next(path.glob("*.safetensors"))
-    original = weights.read_bytes()
-    try:
-        weights.write_bytes(original[: len(original) // 2])
-        assert not models._cache_is_complete(path)
-        model, tokenizer = models.load_default_model()
-        assert models._cache_is_complete(path) and model.config.num_hidden_layers == 30
-        assert model.config.vocab_size == 49152 and model.config.hidden_size == 576
-        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    finally:
-        if not models._cache_is_complete(path):
-            weights.write_bytes(original)
+def test_default_model_cache_is_rebuilt_when_corrupt(default_model, tmp_path, monkeypatch):
+    # Work on a private copy: the session's default model memory-maps the real cache's weights.
+    real = models.default_model_dir()
+    assert models._cache_is_complete(real)
+    monkeypatch.setenv("FREEZEKERN_CACHE", str(tmp_path / "cache"))
+    copy = models.default_model_dir()
+    shutil.copytree(real, copy)
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted write
+    assert not models._cache_is_complete(copy)
+    model, tokenizer = models.load_default_model()
+    assert models._cache_is_complete(copy) and model.config.num_hidden_layers == 30
+    assert model.config.vocab_size == 49152 and model.config.hidden_size == 576
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
