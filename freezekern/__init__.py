@@ -5,18 +5,22 @@ from freezekern.data import make_batches
 from freezekern.models import load_default_model, load_model, tiny_model
 from freezekern.policy import FreezePlan, plan
 from freezekern.trace import DeviationTrace, analyze
+from freezekern.truncate import FreezeHandle, apply, trainable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeviationTrace",
+    "FreezeHandle",
     "FreezePlan",
     "ModelParts",
     "analyze",
+    "apply",
     "discover",
     "load_default_model",
     "load_model",
     "make_batches",
     "plan",
     "tiny_model",
+    "trainable_parameters",
 ]
