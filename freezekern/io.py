@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -19,3 +22,30 @@ def atomic_write_text(path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class JsonRecord:
+    """Mixin for plain dataclasses that round-trip through JSON (and files)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping):
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path) -> None:
+        """Write the record as indented JSON, atomically."""
+        atomic_write_text(path, self.to_json(indent=2))
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            return cls.from_json(f.read())

@@ -11,12 +11,13 @@ frozen. This module knows traces and plain model summaries only.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from freezekern.io import JsonRecord
 
 POLICIES = ("salf", "reduction", "fixed", "fraction", "none")
 ALPHA_GRID = np.geomspace(1e-3, 20.0, 4000)
@@ -89,7 +90,7 @@ def layer_gains(deviations: list[float], fit: ScalingFit) -> tuple[list[float], 
 
 
 @dataclass
-class FreezePlan:
+class FreezePlan(JsonRecord):
     """Where to cut: embeddings and blocks 1..``boundary`` frozen, the rest trained.
 
     Plain data; ``to_json``/``from_json`` round-trip it, so a plan saved with a
@@ -123,30 +124,6 @@ class FreezePlan:
     def trainable_blocks(self) -> list[int]:
         """1-based indices of the blocks that train."""
         return list(range(self.boundary + 1, self.num_layers + 1))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> FreezePlan:
-        return cls(**dict(data))
-
-    @classmethod
-    def from_json(cls, text: str) -> FreezePlan:
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path) -> None:
-        from freezekern.io import atomic_write_text
-
-        atomic_write_text(path, self.to_json(indent=2))
-
-    @classmethod
-    def load(cls, path) -> FreezePlan:
-        with open(path) as f:
-            return cls.from_json(f.read())
 
     def __str__(self) -> str:
         head = "trained" if self.train_head else ("frozen (tied to the input embedding)" if self.tied else "frozen")

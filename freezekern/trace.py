@@ -9,16 +9,16 @@ built. Memory: O(L) accumulators plus the model's own working set.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from freezekern import ops
 from freezekern.adapters import ModelParts, block_output_hidden, discover
+from freezekern.io import JsonRecord
 from freezekern.semantic import SemanticBasis
 
 METRICS = ("cosine", "logit_lens")
@@ -26,7 +26,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class DeviationTrace:
+class DeviationTrace(JsonRecord):
     """Mean deviation D_k per latent space k = 0..L, with what it was measured on.
 
     ``deviations`` [L+1] floats; ``sums`` [L+1] fp64 sums over ``token_count``
@@ -47,30 +47,6 @@ class DeviationTrace:
     impl: str = "auto"
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> DeviationTrace:
-        return cls(**dict(data))
-
-    @classmethod
-    def from_json(cls, text: str) -> DeviationTrace:
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path) -> None:
-        from freezekern.io import atomic_write_text
-
-        atomic_write_text(path, self.to_json(indent=2))
-
-    @classmethod
-    def load(cls, path) -> DeviationTrace:
-        with open(path) as f:
-            return cls.from_json(f.read())
 
     @classmethod
     def merge(cls, traces: list[DeviationTrace]) -> DeviationTrace:
