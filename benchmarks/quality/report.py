@@ -171,4 +171,7 @@ def write_report(out: Path, meta: dict, runs: dict) -> None:
             per_lr = "; ".join(f"lr {lr:g}: {', '.join(f'{v:.4f}' for v in vals)}" for lr, vals in r["all"].items())
             lines.append(f"- {r['arm']}: {per_lr}")
         lines.append("")
+    discussion = out / "results_discussion.md"  # hand-written reading of the numbers, kept across regenerations
+    if discussion.is_file():
+        lines += ["", discussion.read_text()]
     (out / "results.md").write_text("\n".join(lines))
