@@ -142,7 +142,7 @@ def cmd_analyze(args) -> int:
 
 def cmd_finetune(args) -> int:
     import freezekern as fk
-    from freezekern.finetune import finetune
+    from freezekern.finetune import finetune, format_report
 
     _check_plan_args(args)
     if args.steps < 1:
@@ -160,8 +160,6 @@ def cmd_finetune(args) -> int:
                       gradient_checkpointing=args.gradient_checkpointing, lora=args.lora, output_dir=args.out,
                       resume=not args.restart, compare=None if args.compare == "none" else args.compare)
     trace.save(Path(args.out) / "trace.json")
-    from freezekern.finetune import format_report
-
     print(format_report(report))
     return 0
 

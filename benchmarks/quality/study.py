@@ -38,6 +38,8 @@ import torch
 
 import freezekern as fk
 from freezekern.data import Example, make_batches, split_files, stdlib_files
+from freezekern.finetune import evaluate
+from freezekern.integrations.peft import block_linear_names, layers_to_transform
 from freezekern.profiling import PeakMemory
 from freezekern.truncate import apply as apply_cut
 
@@ -116,27 +118,13 @@ def chat_task(tokenizer, seq_len: int, batch_size: int, eval_tokens: int, calib_
     )
 
 
-def held_out_loss(model, batches) -> float:
-    """Mean next-token loss over the counted tokens of ``batches``."""
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total += loss.item()
-            count += int((targets != -100).sum())
-    return total / count
-
-
-def lora_model(model, layers: list[int]):
+def lora_model(model, boundary: int, num_layers: int):
+    """LoRA (r=8) on every linear layer of blocks boundary+1..L."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, layers_to_transform=layers,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                        layers_to_transform=layers_to_transform(boundary, num_layers),
+                        target_modules=block_linear_names(model))
     return get_peft_model(model, config)
 
 
@@ -146,7 +134,7 @@ def train_run(base, task: Task, *, boundary: int, lora: bool, lr: float, seed: i
     model = copy.deepcopy(base)
     num_layers = fk.discover(model).num_layers
     if lora:
-        model = lora_model(model, list(range(boundary, num_layers)))
+        model = lora_model(model, boundary, num_layers)
     handle = apply_cut(model, boundary) if boundary > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -166,7 +154,7 @@ def train_run(base, task: Task, *, boundary: int, lora: bool, lr: float, seed: i
             tokens += int(batch["attention_mask"].sum())
     wall = time.perf_counter() - started
     result = {
-        "held_out_loss": held_out_loss(model, task.eval_batches),
+        "held_out_loss": evaluate(model, task.eval_batches),
         "train_loss_last": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in params),
         "step_time_s": statistics.median(step_times[1:] if len(step_times) > 1 else step_times),
@@ -291,7 +279,7 @@ def main(argv=None) -> int:
             "salf/logit_lens": fk.plan(traces["logit_lens"]),
             "reduction/cosine": fk.plan(traces["cosine"], policy="reduction"),
         }
-        baseline = held_out_loss(base, task.eval_batches)
+        baseline = evaluate(base, task.eval_batches)
         meta["tasks"][task_name] = {
             "seq_len": seq_len, "batch_size": batch_size, "notes": task.notes, "baseline_loss": baseline,
             "plans": {name: p.boundary for name, p in plans.items()},
