@@ -4,7 +4,8 @@
     FREEZEKERN_BENCH_BIG=1 pytest benchmarks/bench_native_ops.py --benchmark-only   # + N=16384, D=2048
 
 Per op and size, three implementations on the same inputs (h bf16, LM head /
-basis as a model would hold them):
+basis as a model would hold them; the cosine also with fp32 h, and with
+RMSNorm and with LayerNorm + bias):
 
   logit lens   naive      materialised [N, V] fp32 logits + F.cross_entropy
                reference  the chunked PyTorch reference (impl="torch")
@@ -222,35 +223,44 @@ def test_logit_lens(benchmark, device, impl, n, d):
     benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=1 if device == "cpu" else 5, iterations=1)
 
 
-def _cosine_inputs(n, d, device):
+def _cosine_inputs(n, d, device, dtype):
     gen = torch.Generator().manual_seed(1)
-    h = (torch.randn(n, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    h = (torch.randn(n, d, generator=gen) * 2 + 0.5).to(dtype).to(device)
     m = max(1, n // 4)  # the distinct label ids of a batch
     basis = torch.randn(m, d, generator=gen).to(device)
     target_row = torch.randint(0, m, (n,), generator=gen)
     target_row[::16] = -1
     norm_weight = (torch.rand(d, generator=gen) + 0.5).to(device)
-    return h, basis, target_row.to(device), norm_weight
+    norm_bias = (torch.randn(d, generator=gen) * 0.1).to(device)
+    return h, basis, target_row.to(device), norm_weight, norm_bias
+
+
+# RMSNorm (llama, qwen, gemma, ...) and LayerNorm with a bias (gpt2, gpt_neox, opt).
+COSINE_NORMS = {"rms": ("rms", False), "layer_bias": ("layer", True)}
 
 
 @pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("norm_name", list(COSINE_NORMS))
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("impl", ["reference", "native"])
 @pytest.mark.parametrize("n", [4096, 65536] + ([262144] if BIG else []))
-def test_cosine(benchmark, device, impl, n, d):
+def test_cosine(benchmark, device, impl, n, d, norm_name, dtype):
     if impl == "native" and not native.has_op("cosine_deviation", device):
         pytest.skip(f"native kernels unavailable on {device}: {native.unavailable_reason(device)}")
-    h, basis, target_row, nw = _cosine_inputs(n, d, device)
+    h, basis, target_row, nw, nb = _cosine_inputs(n, d, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    norm, with_bias = COSINE_NORMS[norm_name]
+    kwargs = dict(norm=norm, norm_weight=nw, norm_bias=nb if with_bias else None)
     fns = {
-        "reference": lambda: reference.cosine_deviation_reference(h, basis, target_row, norm="rms", norm_weight=nw),
-        "native": lambda: native.cosine_deviation(h, basis, target_row, norm="rms", norm_weight=nw),
+        "reference": lambda: reference.cosine_deviation_reference(h, basis, target_row, **kwargs),
+        "native": lambda: native.cosine_deviation(h, basis, target_row, **kwargs),
     }
     fn = fns[impl]
     times = _times(fn, device, reps=10 if device == "cpu" else 20)
     t_min, t_med = min(times), statistics.median(times)
     moved = h.numel() * h.element_size() + basis.numel() * basis.element_size() + n * (8 + 4)
     info = {
-        "device": device, "n": n, "d": d, "m": basis.shape[0], "impl": impl,
+        "device": device, "n": n, "d": d, "m": basis.shape[0], "impl": impl, "norm": norm_name, "dtype": dtype,
         "seconds_min": t_min, "seconds_median": t_med, "bytes_per_s": moved / t_min,
         "copy_bytes_per_s": copy_bandwidth(device),
         "fraction_of_copy_bandwidth": moved / t_min / copy_bandwidth(device),

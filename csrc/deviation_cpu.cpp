@@ -259,8 +259,14 @@ FK_INLINE RowAffine row_affine(const T* x, int64_t d, NormKind kind, float eps) 
 // cos(n(x), b) does not change when n(x) is scaled by a positive number, so
 // without a norm bias the per-row scale (rsqrt of the mean square or of the
 // variance) is never computed: y = x, x * w, x - mean or (x - mean) * w, and
-// RMSNorm needs no statistics pass at all. With a norm bias the full affine
-// map is applied.
+// RMSNorm needs no statistics pass at all.
+//
+// With a norm bias (Full), y = s u + nb with u = (x - mean) w and s the
+// per-row scale, which is only known after the variance. Expanding,
+//   y.b = s P + S,   y.y = s^2 Q + 2 s R + C,
+//   P = sum u b,  Q = sum u^2,  R = sum u nb,  S = sum nb b,  C = sum nb^2,
+// so one pass after the mean (none for RMSNorm: mean = 0) yields the
+// variance and every sum; C is the same for all rows.
 
 enum class CosineMode { Plain, Weighted, Centered, CenteredWeighted, Full };
 
@@ -274,6 +280,7 @@ struct CosineArgs {
   NormKind norm;
   const float* w;   // [D] or null
   const float* nb;  // [D] or null
+  float nb_sq;      // sum nb^2 (Full mode)
   float eps;
   float* out;
 };
@@ -283,44 +290,41 @@ struct CosineSums {
 };
 
 template <CosineMode kMode>
-FK_INLINE v16f cosine_y(v16f x, const float* w, const float* nb, int64_t j, v16f mean, v16f scale) {
+FK_INLINE v16f cosine_y(v16f x, const float* w, int64_t j, v16f mean) {
   if constexpr (kMode == CosineMode::Plain) {
     return x;
   } else if constexpr (kMode == CosineMode::Weighted) {
     return x * vload(w + j);
   } else if constexpr (kMode == CosineMode::Centered) {
     return x - mean;
-  } else if constexpr (kMode == CosineMode::CenteredWeighted) {
-    return (x - mean) * vload(w + j);
   } else {
-    return (x - mean) * (scale * vload(w + j)) + vload(nb + j);
+    static_assert(kMode == CosineMode::CenteredWeighted, "Full mode uses full_sums");
+    return (x - mean) * vload(w + j);
   }
 }
 
 template <CosineMode kMode>
-FK_INLINE float cosine_y1(float x, const float* w, const float* nb, int64_t j, float mean, float scale) {
+FK_INLINE float cosine_y1(float x, const float* w, int64_t j, float mean) {
   if constexpr (kMode == CosineMode::Plain) {
     return x;
   } else if constexpr (kMode == CosineMode::Weighted) {
     return x * w[j];
   } else if constexpr (kMode == CosineMode::Centered) {
     return x - mean;
-  } else if constexpr (kMode == CosineMode::CenteredWeighted) {
-    return (x - mean) * w[j];
   } else {
-    return (x - mean) * (scale * w[j]) + nb[j];
+    static_assert(kMode == CosineMode::CenteredWeighted, "Full mode uses full_sums");
+    return (x - mean) * w[j];
   }
 }
 
 template <CosineMode kMode, typename TH, typename TB>
-FK_INLINE CosineSums cosine_sums(const TH* x, const TB* b, const float* w, const float* nb, int64_t d, float mean,
-                                 float scale) {
-  const v16f vm = vsplat(mean), vs = vsplat(scale);
+FK_INLINE CosineSums cosine_sums(const TH* x, const TB* b, const float* w, int64_t d, float mean) {
+  const v16f vm = vsplat(mean);
   v16f dot0 = {}, yy0 = {}, bb0 = {}, dot1 = {}, yy1 = {}, bb1 = {};
   int64_t j = 0;
   for (; j + 32 <= d; j += 32) {
-    const v16f y0 = cosine_y<kMode>(vload(x + j), w, nb, j, vm, vs);
-    const v16f y1 = cosine_y<kMode>(vload(x + j + 16), w, nb, j + 16, vm, vs);
+    const v16f y0 = cosine_y<kMode>(vload(x + j), w, j, vm);
+    const v16f y1 = cosine_y<kMode>(vload(x + j + 16), w, j + 16, vm);
     const v16f b0 = vload(b + j), b1 = vload(b + j + 16);
     dot0 += y0 * b0;
     yy0 += y0 * y0;
@@ -330,7 +334,7 @@ FK_INLINE CosineSums cosine_sums(const TH* x, const TB* b, const float* w, const
     bb1 += b1 * b1;
   }
   for (; j + 16 <= d; j += 16) {
-    const v16f y0 = cosine_y<kMode>(vload(x + j), w, nb, j, vm, vs);
+    const v16f y0 = cosine_y<kMode>(vload(x + j), w, j, vm);
     const v16f b0 = vload(b + j);
     dot0 += y0 * b0;
     yy0 += y0 * y0;
@@ -338,13 +342,50 @@ FK_INLINE CosineSums cosine_sums(const TH* x, const TB* b, const float* w, const
   }
   CosineSums r{hsum(dot0 + dot1), hsum(yy0 + yy1), hsum(bb0 + bb1)};
   for (; j < d; ++j) {
-    const float y = cosine_y1<kMode>(load_f32(x, j), w, nb, j, mean, scale);
+    const float y = cosine_y1<kMode>(load_f32(x, j), w, j, mean);
     const float bj = load_f32(b, j);
     r.dot += y * bj;
     r.yy += y * y;
     r.bb += bj * bj;
   }
   return r;
+}
+
+// The Full-mode sums (see above) with c = x - mean: sum c^2 and P, Q, R, S, sum b^2.
+struct FullSums {
+  float cc, p, q, r, s, bb;
+};
+
+template <typename TH, typename TB>
+FK_INLINE FullSums full_sums(const TH* x, const TB* b, const float* w, const float* nb, int64_t d, float mean) {
+  const v16f vm = vsplat(mean);
+  v16f cc = {}, p = {}, q = {}, r = {}, s = {}, bb = {};
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const v16f c = vload(x + j) - vm;
+    const v16f u = c * vload(w + j);
+    const v16f bj = vload(b + j);
+    const v16f nbj = vload(nb + j);
+    cc += c * c;
+    p += u * bj;
+    q += u * u;
+    r += u * nbj;
+    s += nbj * bj;
+    bb += bj * bj;
+  }
+  FullSums out{hsum(cc), hsum(p), hsum(q), hsum(r), hsum(s), hsum(bb)};
+  for (; j < d; ++j) {
+    const float c = load_f32(x, j) - mean;
+    const float u = c * w[j];
+    const float bj = load_f32(b, j);
+    out.cc += c * c;
+    out.p += u * bj;
+    out.q += u * u;
+    out.r += u * nb[j];
+    out.s += nb[j] * bj;
+    out.bb += bj * bj;
+  }
+  return out;
 }
 
 // Software prefetch of a row a few iterations ahead: the basis rows are
@@ -388,13 +429,17 @@ FK_INLINE void cosine_rows_mode(const CosineArgs& a, int64_t begin, int64_t end)
     }
     const TH* x = h + i * a.h_stride;
     const TB* b = basis + t * a.basis_stride;
-    RowAffine aff{0.0f, 1.0f};
+    const bool centred = kMode == CosineMode::Centered || kMode == CosineMode::CenteredWeighted ||
+                         (kMode == CosineMode::Full && a.norm == NormKind::Layer);
+    const float mean = centred && d ? row_sum(x, d) / static_cast<float>(d) : 0.0f;
+    CosineSums cs;
     if constexpr (kMode == CosineMode::Full) {
-      aff = row_affine(x, d, a.norm, a.eps);
-    } else if constexpr (kMode == CosineMode::Centered || kMode == CosineMode::CenteredWeighted) {
-      aff.mean = d ? row_sum(x, d) / static_cast<float>(d) : 0.0f;
+      const FullSums fs = full_sums(x, b, a.w, a.nb, d, mean);
+      const float scale = 1.0f / std::sqrt(fs.cc / static_cast<float>(d) + a.eps);
+      cs = {scale * fs.p + fs.s, std::max(scale * scale * fs.q + 2.0f * scale * fs.r + a.nb_sq, 0.0f), fs.bb};
+    } else {
+      cs = cosine_sums<kMode>(x, b, a.w, d, mean);
     }
-    const CosineSums cs = cosine_sums<kMode>(x, b, a.w, a.nb, d, aff.mean, aff.scale);
     const float denom = std::max(std::sqrt(cs.yy) * std::sqrt(cs.bb), 1e-30f);
     a.out[i] = 1.0f - cs.dot / denom;
   }
@@ -676,14 +721,10 @@ at::Tensor cosine_deviation_cpu(const at::Tensor& h_in, const at::Tensor& basis_
                                 c10::string_view norm, const std::optional<at::Tensor>& norm_weight,
                                 const std::optional<at::Tensor>& norm_bias, double norm_eps) {
   check_cpu(h_in, "h");
-  const at::Tensor h = as_row_major(h_in, "h");
-  const at::Device dev = h.device();
-  check_same_device(basis_in, "basis", dev);
-  const at::Tensor basis = as_row_major(basis_in, "basis");
-  const int64_t n = h.size(0), d = h.size(1), m = basis.size(0);
-  TORCH_CHECK(basis.size(1) == d, "freezekern: basis must be [M, ", d, "], got shape ", basis.sizes());
-  const at::Tensor target = as_index_vector(target_row, n, "target_row", dev);
-  const NormArgs na = make_norm_args(norm, norm_weight, norm_bias, norm_eps, d, dev);
+  const CosineInputs in = cosine_inputs(h_in, basis_in, target_row, norm, norm_weight, norm_bias, norm_eps);
+  const at::Tensor &h = in.h, &basis = in.basis, &target = in.target;
+  const NormArgs& na = in.norm;
+  const int64_t n = in.n, d = in.d, m = in.m;
 
   at::Tensor out = at::empty({n}, h.options().dtype(at::kFloat));
   if (n == 0) return out;
@@ -716,6 +757,8 @@ at::Tensor cosine_deviation_cpu(const at::Tensor& h_in, const at::Tensor& basis_
     ones = at::ones({d}, out.options());
     a.w = ones.data_ptr<float>();
   }
+  a.nb_sq = 0.0f;
+  for (int64_t j = 0; a.nb && j < d; ++j) a.nb_sq += a.nb[j] * a.nb[j];
   const CosineFn fn = cosine_fn(h.scalar_type(), basis.scalar_type());
   const CosineMode mode = cosine_mode(a);
   parallel_rows(n, 16, [&](int64_t begin, int64_t end) { fn(a, mode, begin, end); });
@@ -728,15 +771,11 @@ at::Tensor logit_lens_deviation_cpu(const at::Tensor& h_in, const at::Tensor& we
                                     const std::optional<at::Tensor>& norm_bias, double norm_eps,
                                     int64_t ignore_index) {
   check_cpu(h_in, "h");
-  const at::Tensor h = as_row_major(h_in, "h");
-  const at::Device dev = h.device();
-  check_same_device(weight_in, "weight", dev);
-  const at::Tensor weight = as_row_major(weight_in, "weight");
-  const int64_t n = h.size(0), d = h.size(1), vocab = weight.size(0);
-  TORCH_CHECK(weight.size(1) == d, "freezekern: weight must be [V, ", d, "], got shape ", weight.sizes());
-  const at::Tensor target = as_index_vector(target_in, n, "target", dev);
-  const at::Tensor bias = as_f32_vector(bias_in, vocab, "bias", dev);
-  const NormArgs na = make_norm_args(norm, norm_weight, norm_bias, norm_eps, d, dev);
+  const LogitLensInputs in = logit_lens_inputs(h_in, weight_in, target_in, bias_in, norm, norm_weight, norm_bias,
+                                               norm_eps);
+  const at::Tensor &h = in.h, &weight = in.weight, &target = in.target, &bias = in.bias;
+  const NormArgs& na = in.norm;
+  const int64_t n = in.n, d = in.d, vocab = in.vocab;
 
   const auto f32 = h.options().dtype(at::kFloat);
   at::Tensor out = at::zeros({n}, f32);

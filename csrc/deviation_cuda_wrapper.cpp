@@ -46,14 +46,9 @@ at::Tensor cosine_deviation_cuda(const at::Tensor& h_in, const at::Tensor& basis
                                  const std::optional<at::Tensor>& norm_bias, double norm_eps) {
   TORCH_CHECK(h_in.is_cuda(), "freezekern: the CUDA kernel got h on ", h_in.device());
   const c10::cuda::CUDAGuard guard(h_in.device());
-  const at::Tensor h = as_row_major(h_in, "h");
-  const at::Device dev = h.device();
-  check_same_device(basis_in, "basis", dev);
-  const at::Tensor basis = as_row_major(basis_in, "basis");
-  const int64_t n = h.size(0), d = h.size(1);
-  TORCH_CHECK(basis.size(1) == d, "freezekern: basis must be [M, ", d, "], got shape ", basis.sizes());
-  const at::Tensor target = as_index_vector(target_row, n, "target_row", dev);
-  const NormArgs na = make_norm_args(norm, norm_weight, norm_bias, norm_eps, d, dev);
+  const CosineInputs in = cosine_inputs(h_in, basis_in, target_row, norm, norm_weight, norm_bias, norm_eps);
+  const at::Tensor &h = in.h, &basis = in.basis, &target = in.target;
+  const int64_t n = in.n, d = in.d;
   at::Tensor out = at::empty({n}, h.options().dtype(at::kFloat));
   if (n == 0) return out;
 
@@ -68,7 +63,7 @@ at::Tensor cosine_deviation_cuda(const at::Tensor& h_in, const at::Tensor& basis
   p.n_rows = n;
   p.dim = d;
   p.n_basis = basis.size(0);
-  p.norm = norm_spec(na);
+  p.norm = norm_spec(in.norm);
   p.out = out.data_ptr<float>();
   check_launch(cuda::launch_cosine_deviation(p, at::cuda::getCurrentCUDAStream()), "cosine_deviation");
   return out;
@@ -81,15 +76,10 @@ at::Tensor logit_lens_deviation_cuda(const at::Tensor& h_in, const at::Tensor& w
                                      int64_t ignore_index) {
   TORCH_CHECK(h_in.is_cuda(), "freezekern: the CUDA kernel got h on ", h_in.device());
   const c10::cuda::CUDAGuard guard(h_in.device());
-  const at::Tensor h = as_row_major(h_in, "h");
-  const at::Device dev = h.device();
-  check_same_device(weight_in, "weight", dev);
-  const at::Tensor weight = as_row_major(weight_in, "weight");
-  const int64_t n = h.size(0), d = h.size(1), vocab = weight.size(0);
-  TORCH_CHECK(weight.size(1) == d, "freezekern: weight must be [V, ", d, "], got shape ", weight.sizes());
-  const at::Tensor target = as_index_vector(target_in, n, "target", dev);
-  const at::Tensor bias = as_f32_vector(bias_in, vocab, "bias", dev);
-  const NormArgs na = make_norm_args(norm, norm_weight, norm_bias, norm_eps, d, dev);
+  const LogitLensInputs in = logit_lens_inputs(h_in, weight_in, target_in, bias_in, norm, norm_weight, norm_bias,
+                                               norm_eps);
+  const at::Tensor &h = in.h, &weight = in.weight, &target = in.target, &bias = in.bias;
+  const int64_t n = in.n, d = in.d, vocab = in.vocab;
   const auto f32 = h.options().dtype(at::kFloat);
   at::Tensor out = at::empty({n}, f32);
   if (n == 0) return out;
@@ -111,7 +101,7 @@ at::Tensor logit_lens_deviation_cuda(const at::Tensor& h_in, const at::Tensor& w
   p.n_rows = n;
   p.dim = d;
   p.vocab = vocab;
-  p.norm = norm_spec(na);
+  p.norm = norm_spec(in.norm);
   p.out = out.data_ptr<float>();
   p.x = base;
   p.x_ld = ws.x_ld;

@@ -3,7 +3,7 @@
 For the output embedding U [V, D], s_y solves (U^T U + lambda I) s_y = U[y]^T,
 i.e. row y of the ridge-regularised pseudo-inverse of U^T. G = U^T U is
 factored once (Cholesky, fp64 when D <= 4096, else fp32) and rows are solved
-lazily, only for label ids that occur, then cached.
+lazily, only for label ids that occur, into a table kept on the head's device.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ class SemanticBasis:
     """Lazily solved semantic-basis rows for one LM head.
 
     ``head_weight`` [V, D] any float dtype; ``ridge`` lambda (default
-    1e-6 * trace(G) / D). ``rows(ids)`` returns [len(ids), D] fp32 on
-    ``head_weight.device``.
+    1e-6 * trace(G) / D). ``index(ids)`` maps token ids to rows of ``table``
+    [size, D] fp32 (both on ``head_weight.device``); ``rows(ids)`` gathers
+    them, [len(ids), D] fp32.
     """
 
     def __init__(self, head_weight: torch.Tensor, ridge: float | None = None):
@@ -39,7 +40,13 @@ class SemanticBasis:
                 f"U^T U + {self.ridge:g} I is not positive definite; pass a larger ridge"
             )
         self.factor = factor
-        self._cache: dict[int, torch.Tensor] = {}
+        device = self.weight.device
+        # Solved rows live in one growing [capacity, D] fp32 table; slot[y] is
+        # the table row of token y (-1 until solved). Both stay on the head's
+        # device, so a batch's lookup is a gather, not a Python loop.
+        self._slot = torch.full((vocab,), -1, dtype=torch.int64, device=device)
+        self._table = torch.empty(0, dim, dtype=torch.float32, device=device)
+        self.size = 0
 
     def _gram(self) -> torch.Tensor:
         """G = U^T U [D, D] in the solve dtype, accumulated over vocabulary chunks."""
@@ -50,19 +57,46 @@ class SemanticBasis:
             gram += chunk.t() @ chunk
         return gram
 
+    @property
+    def table(self) -> torch.Tensor:
+        """The solved rows so far, [size, D] fp32 (a view; grows as ``index`` solves more)."""
+        return self._table[: self.size]
+
+    def index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Table rows of token ids [*] int64 -> [*] int64, solving rows not seen before.
+
+        Negative ids (ignored tokens) map to -1. Costs one device sync (to
+        find unseen ids) and, for those, one triangular solve.
+        """
+        ids = ids.to(self._slot.device)
+        vocab = self._slot.shape[0]
+        valid = ids >= 0
+        if ids.numel() and bool((ids >= vocab).any()):
+            bad = ids[ids >= vocab].unique()[:5].tolist()
+            raise ValueError(f"label ids {bad} are outside the vocabulary [0, {vocab})")
+        slots = torch.where(valid, self._slot[ids.clamp(min=0)], -1)
+        missing = ids[valid & (slots < 0)].unique()
+        if missing.numel():
+            self._solve(missing)
+            slots = torch.where(valid, self._slot[ids.clamp(min=0)], -1)
+        return slots
+
+    def _solve(self, ids: torch.Tensor) -> None:
+        rhs = self.weight.index_select(0, ids).to(self.solve_dtype).t()
+        solved = torch.cholesky_solve(rhs, self.factor).t().float()
+        new_size = self.size + ids.numel()
+        if new_size > self._table.shape[0]:
+            grown = torch.empty(max(new_size, 2 * self._table.shape[0]), self._table.shape[1],
+                                dtype=self._table.dtype, device=self._table.device)
+            grown[: self.size] = self._table[: self.size]
+            self._table = grown
+        self._table[self.size:new_size] = solved
+        self._slot[ids] = torch.arange(self.size, new_size, device=self._slot.device)
+        self.size = new_size
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Basis rows for token ids [M] int64 -> [M, D] fp32."""
-        ids_list = ids.tolist()
-        missing = sorted({i for i in ids_list if i not in self._cache})
-        if missing:
-            vocab = self.weight.shape[0]
-            bad = [i for i in missing if not 0 <= i < vocab]
-            if bad:
-                raise ValueError(f"label ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-            rhs = self.weight[torch.tensor(missing, device=self.weight.device)].to(self.solve_dtype).t()
-            solved = torch.cholesky_solve(rhs, self.factor).t().float()
-            for i, row in zip(missing, solved):
-                self._cache[i] = row
-        if not ids_list:
-            return torch.zeros(0, self.weight.shape[1], device=self.weight.device)
-        return torch.stack([self._cache[i] for i in ids_list])
+        """Basis rows for token ids [M] int64 -> [M, D] fp32 on the head's device."""
+        if (ids < 0).any():
+            raise ValueError("token ids must be non-negative")
+        slots = self.index(ids)  # may grow the table: read it after
+        return self._table.index_select(0, slots)

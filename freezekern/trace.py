@@ -102,19 +102,34 @@ def _as_batch(batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 class _SpaceReducer:
-    """Reduces one latent space's hidden state to deviations and adds them up."""
+    """Reduces one latent space's hidden state to deviations and adds them up.
+
+    Per batch, ``start_batch`` does the host-side work once (counted rows,
+    basis lookup); per latent space ``__call__`` only launches the op and one
+    fp64 sum, with the backend resolved once per dtype.
+    """
 
     def __init__(self, parts: ModelParts, metric: str, impl: str, apply_final_norm: bool, ridge: float | None):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        ops.resolve_impl("cosine_deviation", impl, parts.head_weight.device)  # a bad impl fails before the forward
         self.parts = parts
         self.metric = metric
         self.impl = impl
-        self.norm_kwargs = parts.norm_kwargs() if apply_final_norm else {"norm": None}
-        self.basis = SemanticBasis(parts.head_weight, ridge) if metric == "cosine" else None
+        self.op = "cosine_deviation" if metric == "cosine" else "logit_lens_deviation"
+        norm_kwargs = parts.norm_kwargs() if apply_final_norm else {"norm": None}
+        if metric == "cosine":
+            self.basis = SemanticBasis(parts.head_weight, ridge)
+            self.op_kwargs = norm_kwargs
+        else:
+            self.basis = None
+            head_bias = parts.head_bias
+            self.op_kwargs = dict(norm_kwargs, bias=None if head_bias is None else head_bias.detach(),
+                                  ignore_index=IGNORE_INDEX)
+        self.kernels: dict[torch.dtype, object] = {}
         self.rows: torch.Tensor | None = None  # counted row indices, or None for all rows
         self.targets: torch.Tensor | None = None
-        self.basis_rows: torch.Tensor | None = None
+        self.operand: torch.Tensor | None = None  # basis table (cosine) or LM head weight (logit lens)
 
     def start_batch(self, targets: torch.Tensor) -> int:
         flat = targets.reshape(-1)
@@ -124,30 +139,23 @@ class _SpaceReducer:
         self.rows = None if n_counted > 0.75 * flat.numel() else counted.nonzero().squeeze(1)
         kept = flat if self.rows is None else flat[self.rows]
         if self.basis is not None:
-            kept_counted = kept[kept != IGNORE_INDEX]
-            unique_ids, inverse = torch.unique(kept_counted, return_inverse=True)
-            self.basis_rows = self.basis.rows(unique_ids).to(self.parts.head_weight.device)
-            target_row = torch.full_like(kept, -1)
-            target_row[kept != IGNORE_INDEX] = inverse
-            self.targets = target_row
+            self.targets = self.basis.index(kept)  # ignored (-100) -> -1
+            self.operand = self.basis.table
         else:
             self.targets = kept
+            self.operand = self.parts.head_weight.detach()
         return n_counted
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, D] -> fp64 scalar: the sum of deviations of counted tokens."""
+    def __call__(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """hidden [B, T, D] -> ``out`` (0-dim fp64): the sum of deviations of counted tokens."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         if self.rows is not None:
             flat = flat.index_select(0, self.rows)
-        if self.metric == "cosine":
-            dev = ops.cosine_deviation(flat, self.basis_rows, self.targets, impl=self.impl, **self.norm_kwargs)
-        else:
-            dev = ops.logit_lens_deviation(
-                flat, self.parts.head_weight.detach(), self.targets,
-                bias=None if self.parts.head_bias is None else self.parts.head_bias.detach(),
-                impl=self.impl, ignore_index=IGNORE_INDEX, **self.norm_kwargs,
-            )
-        return dev.sum(dtype=torch.float64)
+        kernel = self.kernels.get(flat.dtype)
+        if kernel is None:
+            kernel = self.kernels[flat.dtype] = ops.kernel_for(self.op, self.impl, flat.device, flat.dtype)
+        dev = kernel(flat, self.operand, self.targets, **self.op_kwargs)
+        torch.sum(dev, dim=0, dtype=torch.float64, out=out)
 
 
 def _first_hidden(args, kwargs) -> torch.Tensor:
@@ -187,11 +195,11 @@ def analyze(
     state = {"batch_sums": None}
 
     def on_first_input(module, args, kwargs):
-        state["batch_sums"][0] = reducer(_first_hidden(args, kwargs))
+        reducer(_first_hidden(args, kwargs), state["batch_sums"][0])
 
     def make_on_output(k: int):
         def on_output(module, args, output):
-            state["batch_sums"][k] = reducer(block_output_hidden(output))
+            reducer(block_output_hidden(output), state["batch_sums"][k])
             if k == num_layers:
                 raise _StopForward
 

@@ -64,3 +64,41 @@ def test_cu_compiles_for_sm80_and_sm90(source, tmp_path):
         listing = subprocess.run([str(cuobjdump), "--list-elf", str(out)], capture_output=True, text=True)
         if listing.returncode == 0:
             assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout
+
+
+# The torch-facing CUDA wrapper includes two headers that only a CUDA build of
+# torch ships; these stand-ins declare just what the wrapper uses, so its use
+# of the real ATen API and of the shared argument checks is compiled here.
+_CUDA_TORCH_STANDINS = {
+    "ATen/cuda/CUDAContext.h": (
+        "#pragma once\n#include <cuda_runtime.h>\n"
+        "namespace at::cuda { struct Stream { operator cudaStream_t() const { return nullptr; } };\n"
+        "inline Stream getCurrentCUDAStream() { return {}; } }\n"
+    ),
+    "c10/cuda/CUDAGuard.h": (
+        "#pragma once\n#include <c10/core/Device.h>\n"
+        "namespace c10::cuda { struct CUDAGuard { explicit CUDAGuard(c10::Device) {} }; }\n"
+    ),
+}
+
+
+def test_cuda_wrapper_compiles_against_torch_headers(tmp_path):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils.cpp_extension import include_paths
+
+    for name, text in _CUDA_TORCH_STANDINS.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), Path(NVCC).resolve().parent.parent,
+             "/usr/local/cuda"]
+    cuda_include = next((Path(h) / "include" for h in homes if h and (Path(h) / "include/cuda_runtime.h").is_file()),
+                        None)
+    if cuda_include is None:
+        pytest.skip("cuda_runtime.h not found (CUDA_HOME, CUDA_PATH, next to nvcc, /usr/local/cuda)")
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-DFREEZEKERN_WITH_CUDA",
+           "-I", str(tmp_path), "-I", str(cuda_include), "-I", str(CSRC),
+           *[f"-I{p}" for p in include_paths()], str(CSRC / "deviation_cuda_wrapper.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the CUDA wrapper does not compile ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"

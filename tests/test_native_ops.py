@@ -320,6 +320,23 @@ def _check_cosine(device, dtype, norm, affine, basis_dtype, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias_scale", [0.1, 10.0])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("d", [59, 576])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_norm_bias(device, dtype, d, norm, bias_scale):
+    """A norm bias takes the expanded-sums path of the CPU kernel; a large bias dominates y."""
+    gen = torch.Generator().manual_seed(d + int(bias_scale) + len(norm))
+    h = _h(37, d, dtype, device, "contiguous", gen, shift=4.0)
+    basis = torch.randn(11, d, generator=gen).to(device)
+    target_row = torch.randint(-1, 11, (37,), generator=gen).to(device)
+    nw = (torch.rand(d, generator=gen) + 0.5).to(device)
+    nb = (torch.randn(d, generator=gen) * bias_scale).to(device)
+    got, ref, truth = _run_cosine(h, basis, target_row, norm=norm, norm_weight=nw, norm_bias=nb)
+    assert_within_rule(got, ref, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_cosine_extreme_and_ignored(device):
     gen = torch.Generator().manual_seed(3)
     h = (torch.randn(40, 64, generator=gen) * 1e3).to(torch.bfloat16).to(device)

@@ -10,6 +10,7 @@ for a broken extension, see ``native.py``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -94,16 +95,7 @@ def cosine_deviation(
         raise ValueError(f"basis must be [M, {h.shape[1]}], got {tuple(basis.shape)}")
     reference.check_norm_kind(norm)
     kwargs = dict(norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
-    backend = resolve_impl("cosine_deviation", impl, h.device, h.dtype)
-    if backend == "triton":
-        from freezekern.ops import triton_deviation
-
-        return triton_deviation.cosine_deviation(h, basis, target_row, **kwargs)
-    if backend == "native":
-        from freezekern.ops import native
-
-        return native.cosine_deviation(h, basis, target_row, **kwargs)
-    return reference.cosine_deviation_reference(h, basis, target_row, **kwargs)
+    return kernel_for("cosine_deviation", impl, h.device, h.dtype)(h, basis, target_row, **kwargs)
 
 
 def logit_lens_deviation(
@@ -132,16 +124,26 @@ def logit_lens_deviation(
         bias=bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
         norm_eps=norm_eps, ignore_index=ignore_index,
     )
-    backend = resolve_impl("logit_lens_deviation", impl, h.device, h.dtype)
+    return kernel_for("logit_lens_deviation", impl, h.device, h.dtype)(h, weight, target, **kwargs)
+
+
+def kernel_for(op: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
+    """The backend function that ``impl`` resolves to for ``op`` on ``device``/``dtype``.
+
+    It takes the same arguments as the public op but skips the argument
+    checks; callers that run one op many times on inputs of one kind (the
+    tracer, 31 latent spaces per batch) resolve it once.
+    """
+    backend = resolve_impl(op, impl, device, dtype)
     if backend == "triton":
         from freezekern.ops import triton_deviation
 
-        return triton_deviation.logit_lens_deviation(h, weight, target, **kwargs)
+        return getattr(triton_deviation, op)
     if backend == "native":
         from freezekern.ops import native
 
-        return native.logit_lens_deviation(h, weight, target, **kwargs)
-    return reference.logit_lens_deviation_reference(h, weight, target, **kwargs)
+        return getattr(native, op)
+    return getattr(reference, f"{op}_reference")
 
 
 def _check_rows(op: str, h: torch.Tensor, index: torch.Tensor, name: str) -> None:
