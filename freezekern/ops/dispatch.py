@@ -61,8 +61,9 @@ def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | 
     if dtype == torch.float64:
         return "torch"  # fp64 is the ground-truth path; the kernels compute in fp32
     if device.type == "cuda":
-        # Measured on an H100: Triton's fp32 logit lens (IEEE dot, no TF32) is slower than cuBLAS
-        # through the chunked reference, so fp32 takes the native kernel or the reference.
+        # Measured on an H100 with an IEEE fp32 dot, Triton's fp32 logit lens was slower than cuBLAS
+        # through the chunked reference; its 3xTF32 dot is not yet measured, so fp32 takes the
+        # native kernel or the reference.
         triton_ok = _triton_usable(device) and not (op == "logit_lens_deviation" and dtype == torch.float32)
         chosen = "native" if _native_usable(op, device) else ("triton" if triton_ok else "torch")
     else:
