@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the pytest-benchmark suites in benchmarks/")
     bench.add_argument("suite", nargs="?", default="", help="a file in benchmarks/ (default: all)")
     bench.add_argument("--json", default="freezekern-out/bench.json")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and run none")
 
     sub.add_parser("env", help="versions, devices and which kernels are available")
     return parser
@@ -193,8 +194,14 @@ def cmd_bench(args) -> int:
     if not root.is_dir():
         raise FileNotFoundError("benchmarks/ not found: run `freezekern bench` from a source checkout")
     target = root / args.suite if args.suite else root
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(target), "--benchmark-only", f"--benchmark-json={args.json}", "-q"]
+    if not target.exists():
+        suites = ", ".join(sorted(p.name for p in root.glob("bench_*.py")))
+        raise FileNotFoundError(f"no benchmark suite {args.suite!r} in {root}; suites: {suites}")
+    if args.list:
+        cmd = [sys.executable, "-m", "pytest", str(target), "--collect-only", "-q"]
+    else:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pytest", str(target), "--benchmark-only", f"--benchmark-json={args.json}", "-q"]
     print(" ".join(cmd))
     return subprocess.call(cmd)
 

@@ -106,17 +106,17 @@ class _SpaceReducer:
 
     Per batch, ``start_batch`` does the host-side work once (counted rows,
     basis lookup); per latent space ``__call__`` only launches the op and one
-    fp64 sum, with the backend resolved once per dtype.
+    fp64 sum, with the backend resolved once per device and dtype.
     """
 
     def __init__(self, parts: ModelParts, metric: str, impl: str, apply_final_norm: bool, ridge: float | None):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        ops.resolve_impl("cosine_deviation", impl, parts.head_weight.device)  # a bad impl fails before the forward
+        self.op = "cosine_deviation" if metric == "cosine" else "logit_lens_deviation"
+        ops.resolve_impl(self.op, impl, parts.head_weight.device)  # a bad impl fails before the forward
         self.parts = parts
         self.metric = metric
         self.impl = impl
-        self.op = "cosine_deviation" if metric == "cosine" else "logit_lens_deviation"
         norm_kwargs = parts.norm_kwargs() if apply_final_norm else {"norm": None}
         if metric == "cosine":
             self.basis = SemanticBasis(parts.head_weight, ridge)
@@ -126,7 +126,7 @@ class _SpaceReducer:
             head_bias = parts.head_bias
             self.op_kwargs = dict(norm_kwargs, bias=None if head_bias is None else head_bias.detach(),
                                   ignore_index=IGNORE_INDEX)
-        self.kernels: dict[torch.dtype, object] = {}
+        self.kernels: dict[tuple[torch.device, torch.dtype], object] = {}
         self.rows: torch.Tensor | None = None  # counted row indices, or None for all rows
         self.targets: torch.Tensor | None = None
         self.operand: torch.Tensor | None = None  # basis table (cosine) or LM head weight (logit lens)
@@ -151,9 +151,10 @@ class _SpaceReducer:
         flat = hidden.reshape(-1, hidden.shape[-1])
         if self.rows is not None:
             flat = flat.index_select(0, self.rows)
-        kernel = self.kernels.get(flat.dtype)
+        key = (flat.device, flat.dtype)
+        kernel = self.kernels.get(key)
         if kernel is None:
-            kernel = self.kernels[flat.dtype] = ops.kernel_for(self.op, self.impl, flat.device, flat.dtype)
+            kernel = self.kernels[key] = ops.kernel_for(self.op, self.impl, flat.device, flat.dtype)
         dev = kernel(flat, self.operand, self.targets, **self.op_kwargs)
         torch.sum(dev, dim=0, dtype=torch.float64, out=out)
 

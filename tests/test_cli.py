@@ -81,6 +81,20 @@ def test_env_lists_versions_and_kernels(capsys):
     assert "torch" in out and "auto cosine_deviation on cpu" in out and "native extension" in out
 
 
+def test_bench_finds_every_suite(capfd):
+    """`freezekern bench` (no suite) collects the bench_*.py files, not just test_*.py."""
+    from pathlib import Path
+
+    assert main(["bench", "--list"]) == 0
+    listed = capfd.readouterr().out
+    suites = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "benchmarks").glob("bench_*.py"))
+    assert len(suites) >= 5
+    for suite in suites:
+        assert f"{suite}::" in listed, f"{suite} is not collected"
+    assert main(["bench", "bench_nothing.py"]) == 2
+    assert "no benchmark suite 'bench_nothing.py'" in capfd.readouterr().err
+
+
 def test_tiny_dir_loads_like_a_user_model(tiny_dir):
     model, tokenizer = fk.load_model(tiny_dir)
     assert tokenizer("ab")["input_ids"] == [ord("a") - 30, ord("b") - 30]

@@ -148,6 +148,12 @@ def test_bad_metric_and_bad_batch():
         fk.analyze(model, [], metric="l2", progress=False)
     with pytest.raises(TypeError, match="input_ids"):
         fk.analyze(model, [{"ids": torch.zeros(1, 3, dtype=torch.long)}], progress=False)
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    for metric in ("cosine", "logit_lens"):
+        with pytest.raises(ValueError, match="impl must be"):  # refused before any forward
+            fk.analyze(model, random_batches(model.config.vocab_size), metric=metric, impl="cuda", progress=False)
+    assert not calls
 
 
 @pytest.mark.slow

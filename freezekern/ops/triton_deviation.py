@@ -33,8 +33,8 @@ for the dot product. No [N, D] intermediate is allocated.
 takes BLOCK_N normalised rows and walks its slice of V in BLOCK_V tiles; for
 each tile it accumulates the [BLOCK_N, BLOCK_V] logits over D in BLOCK_D steps
 with ``tl.dot`` (fp32 accumulator; fp32 inputs use input_precision="tf32x3":
-three TF32 tensor-core products, about fp32 accurate), adds the bias, masks columns past V and folds the tile into a
-running (max, sum of exp) per row. It writes one partial (max, sum) per row and
+three TF32 tensor-core products, about fp32 accurate), adds the bias, masks
+columns past V and folds the tile into a running (max, sum of exp) per row. It writes one partial (max, sum) per row and
 split: [S, N] fp32 each; [N, V] is never formed. Row blocks whose targets are
 all ``ignore_index`` skip the vocabulary walk. Autotuned (key: D, V) over a
 short list of Hopper/Ampere tile configs; problems under 4M logits (N * V) and
