@@ -2,8 +2,9 @@
 
 For the output embedding U [V, D], s_y solves (U^T U + lambda I) s_y = U[y]^T,
 i.e. row y of the ridge-regularised pseudo-inverse of U^T. G = U^T U is
-factored once (Cholesky, fp64 when D <= 4096, else fp32) and rows are solved
-lazily, only for label ids that occur, into a table kept on the head's device.
+factored and inverted once (Cholesky, fp64 when D <= 4096, else fp32) and
+rows are solved lazily, only for label ids that occur, into a table kept on
+the head's device.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class SemanticBasis:
             raise RuntimeError(
                 f"U^T U + {self.ridge:g} I is not positive definite; pass a larger ridge"
             )
-        self.factor = factor
+        # G^-1 once, so solving a batch's new rows is one GEMM rather than a
+        # triangular solve per batch (slow to launch on GPUs).
+        self.inverse = torch.cholesky_inverse(factor)
         device = self.weight.device
         # Solved rows live in one growing [capacity, D] fp32 table; slot[y] is
         # the table row of token y (-1 until solved). Both stay on the head's
@@ -65,8 +68,8 @@ class SemanticBasis:
     def index(self, ids: torch.Tensor) -> torch.Tensor:
         """Table rows of token ids [*] int64 -> [*] int64, solving rows not seen before.
 
-        Negative ids (ignored tokens) map to -1. Costs one device sync (to
-        find unseen ids) and, for those, one triangular solve.
+        Negative ids (ignored tokens) map to -1. Costs two device syncs (a
+        range check, and finding unseen ids) and, for those, one GEMM.
         """
         ids = ids.to(self._slot.device)
         vocab = self._slot.shape[0]
@@ -82,8 +85,7 @@ class SemanticBasis:
         return slots
 
     def _solve(self, ids: torch.Tensor) -> None:
-        rhs = self.weight.index_select(0, ids).to(self.solve_dtype).t()
-        solved = torch.cholesky_solve(rhs, self.factor).t().float()
+        solved = (self.weight.index_select(0, ids).to(self.solve_dtype) @ self.inverse).float()  # G symmetric
         new_size = self.size + ids.numel()
         if new_size > self._table.shape[0]:
             grown = torch.empty(max(new_size, 2 * self._table.shape[0]), self._table.shape[1],
