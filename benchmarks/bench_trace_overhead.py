@@ -85,3 +85,30 @@ def test_trace(benchmark, setup, bench_device, metric, impl):
         "host_us_per_space": (seconds - plain) / (BATCHES * (LAYERS + 1)) * 1e6,
     })
     benchmark.pedantic(trace, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="trace-overhead")
+@pytest.mark.parametrize("impl", ["torch", "native", "triton"])
+def test_reducer_host_cost(benchmark, setup, bench_device, impl):
+    """The tracer's own host work, without the model: per batch (targets, basis lookup) and per space."""
+    from freezekern.trace import _SpaceReducer, shifted_targets
+
+    if impl not in impls(bench_device):
+        pytest.skip(f"impl {impl} not available on {bench_device.type}")
+    model, batches = setup
+    reducer = _SpaceReducer(fk.discover(model), "cosine", impl, True, None)
+    hidden = torch.randn(*batches[0].shape, model.config.hidden_size, device=bench_device)
+    sums = torch.zeros(LAYERS + 1, dtype=torch.float64, device=bench_device)
+
+    def start_batches():
+        for b in batches:
+            reducer.start_batch(shifted_targets({"input_ids": b}))
+
+    def spaces():
+        for k in range(LAYERS + 1):
+            reducer(hidden, sums[k])
+
+    start_batches()  # solves every basis row once: what follows is the steady state
+    benchmark.extra_info["start_batch_us"] = _best_of(start_batches, bench_device) / BATCHES * 1e6
+    benchmark.extra_info["space_us"] = _best_of(spaces, bench_device) / (LAYERS + 1) * 1e6
+    benchmark.pedantic(spaces, rounds=3, iterations=1, warmup_rounds=1)

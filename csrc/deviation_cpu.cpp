@@ -266,7 +266,9 @@ FK_INLINE RowAffine row_affine(const T* x, int64_t d, NormKind kind, float eps) 
 //   y.b = s P + S,   y.y = s^2 Q + 2 s R + C,
 //   P = sum u b,  Q = sum u^2,  R = sum u nb,  S = sum nb b,  C = sum nb^2,
 // so one pass after the mean (none for RMSNorm: mean = 0) yields the
-// variance and every sum; C is the same for all rows.
+// variance and every sum; C is the same for all rows. When y nearly
+// vanishes (the bias cancels s u) the expanded y.y loses its digits; such
+// rows take a second pass that builds y explicitly.
 
 enum class CosineMode { Plain, Weighted, Centered, CenteredWeighted, Full };
 
@@ -388,6 +390,32 @@ FK_INLINE FullSums full_sums(const TH* x, const TB* b, const float* w, const flo
   return out;
 }
 
+// y = (x - mean) * scale * w + nb built explicitly: the sums for rows where
+// the expansion above cancels.
+template <typename TH, typename TB>
+FK_INLINE CosineSums full_sums_explicit(const TH* x, const TB* b, const float* w, const float* nb, int64_t d,
+                                        float mean, float scale) {
+  const v16f vm = vsplat(mean), vs = vsplat(scale);
+  v16f dot = {}, yy = {}, bb = {};
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const v16f y = (vload(x + j) - vm) * (vs * vload(w + j)) + vload(nb + j);
+    const v16f bj = vload(b + j);
+    dot += y * bj;
+    yy += y * y;
+    bb += bj * bj;
+  }
+  CosineSums r{hsum(dot), hsum(yy), hsum(bb)};
+  for (; j < d; ++j) {
+    const float y = (load_f32(x, j) - mean) * (scale * w[j]) + nb[j];
+    const float bj = load_f32(b, j);
+    r.dot += y * bj;
+    r.yy += y * y;
+    r.bb += bj * bj;
+  }
+  return r;
+}
+
 // Software prefetch of a row a few iterations ahead: the basis rows are
 // gathered in target order, which the hardware prefetchers cannot predict.
 #ifndef FK_PREFETCH_ROWS
@@ -436,7 +464,9 @@ FK_INLINE void cosine_rows_mode(const CosineArgs& a, int64_t begin, int64_t end)
     if constexpr (kMode == CosineMode::Full) {
       const FullSums fs = full_sums(x, b, a.w, a.nb, d, mean);
       const float scale = 1.0f / std::sqrt(fs.cc / static_cast<float>(d) + a.eps);
-      cs = {scale * fs.p + fs.s, std::max(scale * scale * fs.q + 2.0f * scale * fs.r + a.nb_sq, 0.0f), fs.bb};
+      const float magnitude = scale * scale * fs.q + a.nb_sq;  // |s u|^2 + |nb|^2 >= y.y
+      cs = {scale * fs.p + fs.s, magnitude + 2.0f * scale * fs.r, fs.bb};
+      if (!(cs.yy > 1e-2f * magnitude)) cs = full_sums_explicit(x, b, a.w, a.nb, d, mean, scale);
     } else {
       cs = cosine_sums<kMode>(x, b, a.w, d, mean);
     }

@@ -193,8 +193,8 @@ def cmd_bench(args) -> int:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not root.is_dir():
         raise FileNotFoundError("benchmarks/ not found: run `freezekern bench` from a source checkout")
-    target = root / args.suite if args.suite else root
-    if not target.exists():
+    target = root / args.suite if args.suite else root  # a suite may name a test: bench_x.py::test_y
+    if not (root / args.suite.split("::")[0]).exists():
         suites = ", ".join(sorted(p.name for p in root.glob("bench_*.py")))
         raise FileNotFoundError(f"no benchmark suite {args.suite!r} in {root}; suites: {suites}")
     if args.list:

@@ -2,9 +2,9 @@
 
 For the output embedding U [V, D], s_y solves (U^T U + lambda I) s_y = U[y]^T,
 i.e. row y of the ridge-regularised pseudo-inverse of U^T. G = U^T U is
-factored and inverted once (Cholesky, fp64 when D <= 4096, else fp32) and
-rows are solved lazily, only for label ids that occur, into a table kept on
-the head's device.
+factored once (Cholesky, fp64 when D <= 4096, else fp32) and rows are solved
+lazily, only for label ids that occur, into a table kept on the head's
+device.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ class SemanticBasis:
             raise RuntimeError(
                 f"U^T U + {self.ridge:g} I is not positive definite; pass a larger ridge"
             )
-        # G^-1 once, so solving a batch's new rows is one GEMM rather than a
-        # triangular solve per batch (slow to launch on GPUs).
-        self.inverse = torch.cholesky_inverse(factor)
+        self.factor = factor
+        # In fp64, G^-1 once, so solving a batch's new rows is one GEMM rather
+        # than a triangular solve per batch (slow to launch on GPUs). The fp32
+        # path keeps the triangular solve, which TF32 matmul settings cannot touch.
+        self.inverse = torch.cholesky_inverse(factor) if self.solve_dtype == torch.float64 else None
         device = self.weight.device
         # Solved rows live in one growing [capacity, D] fp32 table; slot[y] is
         # the table row of token y (-1 until solved). Both stay on the head's
@@ -62,14 +64,14 @@ class SemanticBasis:
 
     @property
     def table(self) -> torch.Tensor:
-        """The solved rows so far, [size, D] fp32 (a view; grows as ``index`` solves more)."""
+        """The solved rows so far, [size, D] fp32: a view, valid until ``index`` solves more rows."""
         return self._table[: self.size]
 
     def index(self, ids: torch.Tensor) -> torch.Tensor:
         """Table rows of token ids [*] int64 -> [*] int64, solving rows not seen before.
 
-        Negative ids (ignored tokens) map to -1. Costs two device syncs (a
-        range check, and finding unseen ids) and, for those, one GEMM.
+        Negative ids (ignored tokens) map to -1. Costs a few device syncs
+        (the range check, finding unseen ids) and, for those, one solve.
         """
         ids = ids.to(self._slot.device)
         vocab = self._slot.shape[0]
@@ -85,10 +87,15 @@ class SemanticBasis:
         return slots
 
     def _solve(self, ids: torch.Tensor) -> None:
-        solved = (self.weight.index_select(0, ids).to(self.solve_dtype) @ self.inverse).float()  # G symmetric
+        rhs = self.weight.index_select(0, ids).to(self.solve_dtype)
+        if self.inverse is not None:
+            solved = (rhs @ self.inverse).float()  # G is symmetric
+        else:
+            solved = torch.cholesky_solve(rhs.t(), self.factor).t().float()
         new_size = self.size + ids.numel()
         if new_size > self._table.shape[0]:
-            grown = torch.empty(max(new_size, 2 * self._table.shape[0]), self._table.shape[1],
+            vocab = self._slot.shape[0]
+            grown = torch.empty(min(max(new_size, 2 * self._table.shape[0]), vocab), self._table.shape[1],
                                 dtype=self._table.dtype, device=self._table.device)
             grown[: self.size] = self._table[: self.size]
             self._table = grown

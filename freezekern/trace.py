@@ -106,7 +106,7 @@ class _SpaceReducer:
 
     Per batch, ``start_batch`` does the host-side work once (counted rows,
     basis lookup); per latent space ``__call__`` only launches the op and one
-    fp64 sum, with the backend resolved once per device and dtype.
+    fp64 sum, with the backend resolved once per dtype.
     """
 
     def __init__(self, parts: ModelParts, metric: str, impl: str, apply_final_norm: bool, ridge: float | None):
@@ -126,13 +126,16 @@ class _SpaceReducer:
             head_bias = parts.head_bias
             self.op_kwargs = dict(norm_kwargs, bias=None if head_bias is None else head_bias.detach(),
                                   ignore_index=IGNORE_INDEX)
-        self.kernels: dict[tuple[torch.device, torch.dtype], object] = {}
+        self.kernels: dict[torch.dtype, object] = {}
         self.rows: torch.Tensor | None = None  # counted row indices, or None for all rows
         self.targets: torch.Tensor | None = None
         self.operand: torch.Tensor | None = None  # basis table (cosine) or LM head weight (logit lens)
 
     def start_batch(self, targets: torch.Tensor) -> int:
         flat = targets.reshape(-1)
+        if bool(((flat < 0) & (flat != IGNORE_INDEX)).any()):
+            bad = flat[(flat < 0) & (flat != IGNORE_INDEX)].unique()[:5].tolist()
+            raise ValueError(f"labels {bad} are negative; only {IGNORE_INDEX} marks an ignored token")
         counted = flat != IGNORE_INDEX
         n_counted = int(counted.sum())
         # Gathering counted rows copies one hidden state; worth it only when many are ignored.
@@ -147,14 +150,19 @@ class _SpaceReducer:
         return n_counted
 
     def __call__(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        """hidden [B, T, D] -> ``out`` (0-dim fp64): the sum of deviations of counted tokens."""
+        """hidden [B, T, D] -> ``out`` (0-dim fp64): the sum of deviations of counted tokens.
+
+        Everything is reduced on the LM head's device; a block placed on
+        another device (a model split across GPUs) has its output copied over.
+        """
         flat = hidden.reshape(-1, hidden.shape[-1])
+        if flat.device != self.operand.device:
+            flat = flat.to(self.operand.device)
         if self.rows is not None:
             flat = flat.index_select(0, self.rows)
-        key = (flat.device, flat.dtype)
-        kernel = self.kernels.get(key)
+        kernel = self.kernels.get(flat.dtype)
         if kernel is None:
-            kernel = self.kernels[key] = ops.kernel_for(self.op, self.impl, flat.device, flat.dtype)
+            kernel = self.kernels[flat.dtype] = ops.kernel_for(self.op, self.impl, flat.device, flat.dtype)
         dev = kernel(flat, self.operand, self.targets, **self.op_kwargs)
         torch.sum(dev, dim=0, dtype=torch.float64, out=out)
 

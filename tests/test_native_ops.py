@@ -337,6 +337,27 @@ def test_cosine_norm_bias(device, dtype, d, norm, bias_scale):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual", [1e-2, 1e-4, 0.0])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_cosine_norm_bias_cancelling_the_row(device, norm, residual):
+    """A bias that nearly cancels n(h) * w: y is tiny, and the cosine must still be right."""
+    gen = torch.Generator().manual_seed(11)
+    d = 96
+    row = torch.randn(d, generator=gen) * 2 + 1
+    h = row + 1e-3 * torch.randn(9, d, generator=gen)
+    nw = torch.rand(d, generator=gen) + 0.5
+    x = row - row.mean() if norm == "layer" else row
+    x = x * torch.rsqrt(x.pow(2).mean() + 1e-6)
+    nb = -(x * nw) + residual * torch.randn(d, generator=gen)
+    basis = torch.randn(4, d, generator=gen)
+    target_row = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, -1])
+    args = [t.to(device) for t in (h, basis, target_row, nw, nb)]
+    got, ref, truth = _run_cosine(*args[:3], norm=norm, norm_weight=args[3], norm_bias=args[4])
+    assert torch.isfinite(got).all() and got.abs().max() <= 2 + 1e-4
+    assert_within_rule(got, ref, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_cosine_extreme_and_ignored(device):
     gen = torch.Generator().manual_seed(3)
     h = (torch.randn(40, 64, generator=gen) * 1e3).to(torch.bfloat16).to(device)

@@ -38,8 +38,20 @@ def test_table_grows_across_many_batches_without_changing_rows():
     early = basis.rows(torch.arange(10)).clone()
     for start in range(10, 500, 37):
         basis.index(torch.arange(start, min(start + 37, 500)))
-    assert basis.size == 500
+    assert basis.size == 500 and basis._table.shape[0] == 500  # never grown past the vocabulary
     torch.testing.assert_close(basis.rows(torch.arange(10)), early, rtol=0, atol=0)
+
+
+def test_fp32_solve_path(monkeypatch):
+    """Wide heads (D > FP64_MAX_DIM) solve in fp32 by triangular solves."""
+    from freezekern import semantic
+
+    u = _head()
+    exact = SemanticBasis(u).rows(torch.arange(20))
+    monkeypatch.setattr(semantic, "FP64_MAX_DIM", 4)
+    basis = SemanticBasis(u)
+    assert basis.solve_dtype == torch.float32 and basis.inverse is None
+    torch.testing.assert_close(basis.rows(torch.arange(20)), exact, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_ids_are_refused():

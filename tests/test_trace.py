@@ -149,11 +149,20 @@ def test_bad_metric_and_bad_batch():
     with pytest.raises(TypeError, match="input_ids"):
         fk.analyze(model, [{"ids": torch.zeros(1, 3, dtype=torch.long)}], progress=False)
     calls = []
-    model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    model.model.embed_tokens.register_forward_hook(lambda *args: calls.append(1))
     for metric in ("cosine", "logit_lens"):
         with pytest.raises(ValueError, match="impl must be"):  # refused before any forward
             fk.analyze(model, random_batches(model.config.vocab_size), metric=metric, impl="cuda", progress=False)
     assert not calls
+
+
+@pytest.mark.parametrize("metric", ["cosine", "logit_lens"])
+def test_negative_labels_other_than_ignore_index_are_refused(metric):
+    model = fk.tiny_model("llama", num_layers=2)
+    batches = random_batches(model.config.vocab_size, n_batches=1)
+    batches[0]["labels"][0, 5:] = -1
+    with pytest.raises(ValueError, match=r"labels \[-1\] are negative; only -100"):
+        fk.analyze(model, batches, metric=metric, progress=False)
 
 
 @pytest.mark.slow

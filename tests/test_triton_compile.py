@@ -50,6 +50,14 @@ def test_logit_lens_matmul_uses_tensor_cores(compiled):
     arch, reports = compiled
     lens = [r for r in reports if r["kernel"] == "lens" and "error" not in r]
     assert lens
+    single = [r for r in lens if r["precision"] == "tf32" and r["x"] == "fp32"]
+    assert len(single) == 1
+    tiles = ("BLOCK_N", "BLOCK_V", "BLOCK_D")
+    triple = [r for r in lens if r["precision"] == "tf32x3" and r["w"] == "fp32"
+              and all(r[t] == single[0][t] for t in tiles)]
+    assert triple and triple[0]["mma_count"] >= 2 * single[0]["mma_count"], (
+        f"fp32 is not 3xTF32 on sm_{arch}: {triple[0]['mma_count']} tensor-core instructions "
+        f"vs {single[0]['mma_count']} for single-pass TF32")
     for report in lens:
         assert report["mma"], f"no tensor-core instruction on sm_{arch} for {report}"
         if report["x"] == "fp32":

@@ -17,6 +17,7 @@ import json
 import re
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -50,10 +51,12 @@ def _row_cases():
 
 def _lens_cases():
     # (x dtype, weight dtype, precision) as the launcher picks them.
-    kinds = [("fp32", "fp32", td._FP32_DOT_PRECISION), ("fp32", "bf16", td._FP32_DOT_PRECISION),
-             ("bf16", "bf16", "tf32"), ("fp16", "fp16", "tf32")]
-    for config in td._lens_configs(False):
-        for x, w, precision in kinds:
+    fp32 = td._fp32_dot_precision(torch.device("cpu"))  # what NVIDIA sm_80+ gets: "tf32x3"
+    kinds = [("fp32", "fp32", fp32), ("fp32", "bf16", fp32), ("bf16", "bf16", "tf32"), ("fp16", "fp16", "tf32")]
+    configs = td._lens_configs(False)
+    for index, config in enumerate(configs):
+        # The first config also in single-pass TF32, to count its tensor-core instructions against.
+        for x, w, precision in kinds + ([("fp32", "fp32", "tf32")] if index == 0 else []):
             yield {
                 "kernel": "lens", "x": x, "w": w, "precision": precision, **config.kwargs,
                 "constexprs": dict(HAS_BIAS=True, DOT_PRECISION=precision, DOT_FP32=False, **config.kwargs),
@@ -79,7 +82,9 @@ def compile_case(case: dict, arch: int) -> dict:
         report["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return report
     ptx = compiled.asm["ptx"]
-    report["mma"] = sorted(set(re.findall(r"\b(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
+    found = re.findall(r"\b(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)
+    report["mma"] = sorted(set(found))
+    report["mma_count"] = len(found)
     return report
 
 

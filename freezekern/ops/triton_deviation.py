@@ -32,8 +32,9 @@ for the dot product. No [N, D] intermediate is allocated.
 ``_lens_lse_kernel`` (grid: row blocks x vocabulary splits): each program
 takes BLOCK_N normalised rows and walks its slice of V in BLOCK_V tiles; for
 each tile it accumulates the [BLOCK_N, BLOCK_V] logits over D in BLOCK_D steps
-with ``tl.dot`` (fp32 accumulator; fp32 inputs use input_precision="tf32x3":
-three TF32 tensor-core products, about fp32 accurate), adds the bias, masks
+with ``tl.dot`` (fp32 accumulator; fp32 inputs use input_precision="tf32x3"
+on NVIDIA sm_80+: three TF32 tensor-core products, about fp32 accurate;
+"ieee" elsewhere), adds the bias, masks
 columns past V and folds the tile into a running (max, sum of exp) per row. It writes one partial (max, sum) per row and
 split: [S, N] fp32 each; [N, V] is never formed. Row blocks whose targets are
 all ``ignore_index`` skip the vocabulary walk. Autotuned (key: D, V) over a
@@ -82,10 +83,26 @@ _VOCAB_SPLIT_QUANTUM = 256
 _MIN_SPLIT = 1024
 # Below this many logits (N * V) the lens kernel is not autotuned.
 _AUTOTUNE_MIN_LOGITS = 1 << 22
-# tl.dot precision for fp32 operands: three TF32 tensor-core products (the
-# operands split into high and low TF32 parts), accurate to about fp32, where
-# "ieee" would run on the FMA units.
-_FP32_DOT_PRECISION = "tf32x3"
+
+
+def _fp32_dot_precision(device: torch.device) -> str:
+    """tl.dot precision for fp32 operands on ``device``.
+
+    NVIDIA Ampere and newer: "tf32x3", three TF32 tensor-core products (the
+    operands split into high and low TF32 parts), accurate to about fp32.
+    Elsewhere (older GPUs, ROCm, whose Triton has no tf32x3): "ieee", on the
+    FMA units. The interpreter accepts either and computes in fp32.
+    """
+    if device.type != "cuda":
+        return "tf32x3"
+    return _cuda_fp32_dot_precision(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_fp32_dot_precision(index: int) -> str:
+    if torch.version.hip is not None:
+        return "ieee"
+    return "tf32x3" if torch.cuda.get_device_capability(index)[0] >= 8 else "ieee"
 
 
 @functools.cache
@@ -513,7 +530,7 @@ def logit_lens_deviation(
         bias_c if bias_c is not None else x, target,
         part_max, part_sum,
         n_rows, dim, vocab, per_split, int(ignore_index),
-        HAS_BIAS=bias_c is not None, DOT_PRECISION=_FP32_DOT_PRECISION if mm_dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias_c is not None, DOT_PRECISION=_fp32_dot_precision(h.device) if mm_dtype == torch.float32 else "tf32",
         DOT_FP32=interpret and mm_dtype == torch.bfloat16,
     )
 
