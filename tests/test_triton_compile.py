@@ -1,10 +1,12 @@
 """The Triton kernels compile for sm_80 (A100) and sm_90 (H100) without a GPU.
 
 CI runs the kernels only under the interpreter, which neither lowers them nor
-checks dtype rules the way the GPU compiler does. Here every variant the
-launchers can produce is compiled ahead of time to PTX (``triton_aot.py``, in
-a process without TRITON_INTERPRET), and the logit-lens kernel must run its
-matmul on tensor cores (mma / wgmma) for every dtype, fp32 included.
+checks dtype rules the way the GPU compiler does. Here the kernel variants
+listed in ``triton_aot.py`` (each norm kind, dtype, single and looped D, and
+every autotune config of the logit-lens kernel) are compiled ahead of time
+to PTX and cubin, in a process without TRITON_INTERPRET, and the logit-lens
+kernel must run its matmul on tensor cores (mma / wgmma) for every dtype,
+fp32 as 3xTF32.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ replaces triton.language's functions at import):
 
     python tests/triton_aot.py ARCH [ARCH ...]        # e.g. 80 90
 
-For every kernel variant the launchers can produce (norm kind, dtypes,
-single/looped D, each autotune config of the logit-lens kernel) it prints
+For each kernel variant below (norm kind, dtypes, single/looped D, each
+autotune config of the logit-lens kernel; not every combination of the
+optional norm weight and biases) it prints
 one JSON line: the case, and the tensor-core instructions found in the PTX
 (``mma``/``wgmma``), or the compile error.
 """
