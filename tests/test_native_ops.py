@@ -164,6 +164,40 @@ def test_logit_lens_shapes(device, dtype, n, d, v):
     assert_within_rule(got, ref, truth)
 
 
+# The sizes of real models: D = 4096, V = 50257 (gpt2) and 262144 (gemma3), V
+# not a multiple of the CPU kernel's vocabulary chunk.
+REAL_SIZES = [(4096, 4099), (576, 50257), (59, 262144)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("d", "v"), REAL_SIZES, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logit_lens_real_model_sizes(device, dtype, d, v):
+    gen = torch.Generator().manual_seed(d + v)
+    n = 19
+    h = _h(n, d, dtype, device, "row_strided_odd", gen)
+    weight = (torch.randn(v, d, generator=gen) / d**0.5 * 3).to(dtype).to(device)
+    nw, nb = _norm_params(d, "weight+bias", device, gen)
+    target, ignore_index = _targets(n, v, "some", gen, device)
+    got, ref, truth = _run_logit_lens(h, weight, target, norm="layer", norm_weight=nw, norm_bias=nb,
+                                      ignore_index=ignore_index)
+    assert_within_rule(got, ref, truth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cosine_d4096(device, dtype, norm):
+    gen = torch.Generator().manual_seed(4096)
+    n, d, m = 37, 4096, 23
+    h = _h(n, d, dtype, device, "row_strided_odd", gen)
+    basis = torch.randn(m, d, generator=gen).to(device)
+    target_row = torch.randint(-1, m, (n,), generator=gen).to(device)
+    nw, nb = _norm_params(d, "weight+bias", device, gen)
+    got, ref, truth = _run_cosine(h, basis, target_row, norm=norm, norm_weight=nw, norm_bias=nb)
+    assert_within_rule(got, ref, truth)
+
+
 LAYOUTS = ["contiguous", "row_strided", "row_strided_odd", "col_strided"]
 AFFINES = ["none", "weight", "bias", "weight+bias"]
 

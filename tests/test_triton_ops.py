@@ -241,6 +241,12 @@ def test_logit_lens_matches_reference(dtype, norm, case):
     _check_lens(dtype, norm, *case)
 
 
+@pytest.mark.parametrize(("dtype", "norm"), [(torch.bfloat16, "layer"), (torch.float32, "rms")], ids=str)
+def test_logit_lens_gpt2_vocabulary(dtype, norm):
+    """V = 50257: hundreds of vocabulary tiles and a ragged last one (few rows: the interpreter is slow)."""
+    _check_lens(dtype, norm, 3, 59, 50257, "strided", True, True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logit_lens_large_logits(dtype):
     """Weights x100: logits in the thousands; the online logsumexp must not overflow.
