@@ -13,6 +13,12 @@ RMSNorm and with LayerNorm + bias):
   cosine       reference  impl="torch" (gathers an [N, D] copy of the basis rows)
                native     torch.ops.freezekern.cosine_deviation
 
+On the CPU the Triton kernels run only under the interpreter, which is far
+too slow to time: the native cases check them for correctness instead, on the
+first rows of the same inputs against the reference (extra_info
+"triton_interpreted_max_abs_err" and "triton_interpreted_rows"; skipped when
+triton is not installed).
+
 The same run measures the machine's ceilings: a large tensor copy (bytes read
 + written per second) and torch.matmul GFLOP/s on the shapes the native CPU
 kernel multiplies (fp32 [N, D] x [D, chunk]; on CUDA the whole [N, D] x [D, V]
@@ -39,7 +45,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from freezekern.ops import native, reference
+from freezekern.ops import native, reference, triton_deviation
 
 BIG = os.environ.get("FREEZEKERN_BENCH_BIG") == "1"
 VOCAB = 49152
@@ -182,6 +188,25 @@ def _naive_logit_lens(h, weight, target, norm_weight):
     return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
 
 
+# Rows the interpreter runs per case (the kernels work row by row, so a slice of
+# the inputs exercises the same code as the whole), and the error allowed
+# against the reference: the logit lens multiplies bf16 operands (rounded
+# normalised rows), the cosine reads them and computes in fp32.
+TRITON_ROWS = {"logit_lens": 8, "cosine": 512}
+TRITON_ATOL = {"logit_lens": 5e-2, "cosine": 1e-4}
+
+
+def _check_triton_interpreted(info: dict, op: str, run_triton, run_reference, rows: int) -> None:
+    """Run the Triton kernel (interpreted) on the first rows; record and bound its error. Never timed."""
+    if not triton_deviation.available("cpu"):
+        return
+    got, ref = run_triton(rows), run_reference(rows)
+    err = (got - ref).abs().max().item() if got.numel() else 0.0
+    info["triton_interpreted_rows"] = got.numel()
+    info["triton_interpreted_max_abs_err"] = err
+    assert err <= TRITON_ATOL[op] * (1.0 + ref.abs().max().item()), f"Triton {op} differs by {err:.3g}"
+
+
 def _needs_native(device: str) -> None:
     if not native.has_op("logit_lens_deviation", device):
         pytest.skip(f"native kernels unavailable on {device}: {native.unavailable_reason(device)}")
@@ -220,6 +245,13 @@ def test_logit_lens(benchmark, device, impl, n, d):
     if impl != "reference":
         t_ref = min(_times(fns["reference"], device, reps=max(2, reps // 2)))
         info["speedup_vs_reference"] = t_ref / t_min
+    if impl == "native" and device == "cpu":
+        kw = dict(norm="rms", norm_weight=nw, ignore_index=IGNORE)
+        _check_triton_interpreted(
+            info, "logit_lens",
+            lambda r: triton_deviation.logit_lens_deviation(h[:r], weight, target[:r], **kw),
+            lambda r: reference.logit_lens_deviation_reference(h[:r], weight, target[:r], **kw),
+            TRITON_ROWS["logit_lens"])
     benchmark.extra_info.update(info)
     benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=1 if device == "cpu" else 5, iterations=1)
 
@@ -245,7 +277,7 @@ COSINE_NORMS = {"rms": ("rms", False), "layer_bias": ("layer", True)}
 @pytest.mark.parametrize("norm_name", list(COSINE_NORMS))
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("impl", ["reference", "native"])
-@pytest.mark.parametrize("n", [4096, 65536] + ([262144] if BIG else []))
+@pytest.mark.parametrize("n", [512, 4096, 16384, 65536] + ([262144] if BIG else []))
 def test_cosine(benchmark, device, impl, n, d, norm_name, dtype):
     if impl == "native" and not native.has_op("cosine_deviation", device):
         pytest.skip(f"native kernels unavailable on {device}: {native.unavailable_reason(device)}")
@@ -273,6 +305,12 @@ def test_cosine(benchmark, device, impl, n, d, norm_name, dtype):
     }
     if impl == "native":
         info["speedup_vs_reference"] = min(_times(fns["reference"], device, reps=3)) / t_min
+    if impl == "native" and device == "cpu":
+        _check_triton_interpreted(
+            info, "cosine",
+            lambda r: triton_deviation.cosine_deviation(h[:r], basis, target_row[:r], **kwargs),
+            lambda r: reference.cosine_deviation_reference(h[:r], basis, target_row[:r], **kwargs),
+            TRITON_ROWS["cosine"])
     benchmark.extra_info.update(info)
     benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=3, iterations=1)
 
