@@ -14,10 +14,11 @@ RMSNorm and with LayerNorm + bias):
                native     torch.ops.freezekern.cosine_deviation
 
 On the CPU the Triton kernels run only under the interpreter, which is far
-too slow to time: the native cases check them for correctness instead, on the
-first rows of the same inputs against the reference (extra_info
-"triton_interpreted_max_abs_err" and "triton_interpreted_rows"; skipped when
-triton is not installed).
+too slow to time: the native cases check them for correctness instead, after
+their timings, on the first rows of the same inputs against the reference
+(extra_info "triton_interpreted_max_abs_err" and "triton_interpreted_rows";
+left out when the interpreter is not active: triton missing, or
+TRITON_INTERPRET unset when triton was first imported).
 
 The same run measures the machine's ceilings: a large tensor copy (bytes read
 + written per second) and torch.matmul GFLOP/s on the shapes the native CPU
@@ -245,15 +246,15 @@ def test_logit_lens(benchmark, device, impl, n, d):
     if impl != "reference":
         t_ref = min(_times(fns["reference"], device, reps=max(2, reps // 2)))
         info["speedup_vs_reference"] = t_ref / t_min
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=1 if device == "cpu" else 5, iterations=1)
     if impl == "native" and device == "cpu":
         kw = dict(norm="rms", norm_weight=nw, ignore_index=IGNORE)
         _check_triton_interpreted(
-            info, "logit_lens",
+            benchmark.extra_info, "logit_lens",
             lambda r: triton_deviation.logit_lens_deviation(h[:r], weight, target[:r], **kw),
             lambda r: reference.logit_lens_deviation_reference(h[:r], weight, target[:r], **kw),
             TRITON_ROWS["logit_lens"])
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=1 if device == "cpu" else 5, iterations=1)
 
 
 def _cosine_inputs(n, d, device, dtype):
@@ -305,12 +306,12 @@ def test_cosine(benchmark, device, impl, n, d, norm_name, dtype):
     }
     if impl == "native":
         info["speedup_vs_reference"] = min(_times(fns["reference"], device, reps=3)) / t_min
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=3, iterations=1)
     if impl == "native" and device == "cpu":
         _check_triton_interpreted(
-            info, "cosine",
+            benchmark.extra_info, "cosine",
             lambda r: triton_deviation.cosine_deviation(h[:r], basis, target_row[:r], **kwargs),
             lambda r: reference.cosine_deviation_reference(h[:r], basis, target_row[:r], **kwargs),
             TRITON_ROWS["cosine"])
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=3, iterations=1)
 

@@ -62,7 +62,7 @@ at::Tensor cosine_deviation_cuda(const at::Tensor& h_in, const at::Tensor& basis
   p.target_row = target.data_ptr<int64_t>();
   p.n_rows = n;
   p.dim = d;
-  p.n_basis = basis.size(0);
+  p.n_basis = in.m;
   p.norm = norm_spec(in.norm);
   p.out = out.data_ptr<float>();
   check_launch(cuda::launch_cosine_deviation(p, at::cuda::getCurrentCUDAStream()), "cosine_deviation");

@@ -40,11 +40,13 @@ class SemanticBasis:
             raise RuntimeError(
                 f"U^T U + {self.ridge:g} I is not positive definite; pass a larger ridge"
             )
-        self.factor = factor
-        # In fp64, G^-1 once, so solving a batch's new rows is one GEMM rather
-        # than a triangular solve per batch (slow to launch on GPUs). The fp32
-        # path keeps the triangular solve, which TF32 matmul settings cannot touch.
-        self.inverse = torch.cholesky_inverse(factor) if self.solve_dtype == torch.float64 else None
+        # In fp64, G^-1 once (the factor is then dropped), so solving a batch's
+        # new rows is one GEMM rather than a triangular solve per batch (slow to
+        # launch on GPUs). The fp32 path keeps the Cholesky factor and the
+        # triangular solve, which TF32 matmul settings cannot touch.
+        fp64 = self.solve_dtype == torch.float64
+        self.inverse = torch.cholesky_inverse(factor) if fp64 else None
+        self.factor = None if fp64 else factor
         device = self.weight.device
         # Solved rows live in one growing [capacity, D] fp32 table; slot[y] is
         # the table row of token y (-1 until solved). Both stay on the head's

@@ -113,9 +113,9 @@ class _SpaceReducer:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.op = "cosine_deviation" if metric == "cosine" else "logit_lens_deviation"
-        ops.resolve_impl(self.op, impl, parts.head_weight.device)  # a bad impl fails before the forward
+        if impl != "auto":  # a bad or unavailable impl fails before the forward; auto always resolves
+            ops.resolve_impl(self.op, impl, parts.head_weight.device)
         self.parts = parts
-        self.metric = metric
         self.impl = impl
         norm_kwargs = parts.norm_kwargs() if apply_final_norm else {"norm": None}
         if metric == "cosine":

@@ -13,6 +13,7 @@ def _head(vocab=97, dim=13, seed=0):
 def test_rows_solve_the_ridge_system():
     u = _head()
     basis = SemanticBasis(u)
+    assert basis.inverse is not None and basis.factor is None  # fp64: rows by one GEMM with G^-1
     ids = torch.tensor([5, 0, 96, 5])
     gram = u.double().t() @ u.double() + basis.ridge * torch.eye(u.shape[1], dtype=torch.float64)
     expected = torch.linalg.solve(gram, u.double()[ids].t()).t()
@@ -50,7 +51,7 @@ def test_fp32_solve_path(monkeypatch):
     exact = SemanticBasis(u).rows(torch.arange(20))
     monkeypatch.setattr(semantic, "FP64_MAX_DIM", 4)
     basis = SemanticBasis(u)
-    assert basis.solve_dtype == torch.float32 and basis.inverse is None
+    assert basis.solve_dtype == torch.float32 and basis.inverse is None and basis.factor is not None
     torch.testing.assert_close(basis.rows(torch.arange(20)), exact, rtol=1e-4, atol=1e-5)
 
 

@@ -241,6 +241,20 @@ def test_logit_lens_matches_reference(dtype, norm, case):
     _check_lens(dtype, norm, *case)
 
 
+def test_dot_precision_per_gpu(monkeypatch):
+    """fp32: 3xTF32 on NVIDIA sm_80+, IEEE before and on ROCm; bf16/fp16 never ask ROCm for TF32."""
+    cached = triton_deviation._cuda_dot_precision
+    monkeypatch.setattr(triton_deviation, "_cuda_dot_precision", cached.__wrapped__)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, fp32 in (((9, 0), "tf32x3"), ((8, 0), "tf32x3"), ((7, 5), "ieee")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        assert triton_deviation._dot_precision(torch.device("cuda", 0), torch.float32) == fp32
+        assert triton_deviation._dot_precision(torch.device("cuda", 0), torch.bfloat16) == "tf32"
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert triton_deviation._dot_precision(torch.device("cuda", 0), dtype) == "ieee"
+
+
 @pytest.mark.parametrize(("dtype", "norm"), [(torch.bfloat16, "layer"), (torch.float32, "rms")], ids=str)
 def test_logit_lens_gpt2_vocabulary(dtype, norm):
     """V = 50257: hundreds of vocabulary tiles and a ragged last one (few rows: the interpreter is slow)."""

@@ -52,8 +52,9 @@ def _row_cases():
 
 def _lens_cases():
     # (x dtype, weight dtype, precision) as the launcher picks them.
-    fp32 = td._fp32_dot_precision(torch.device("cpu"))  # what NVIDIA sm_80+ gets: "tf32x3"
-    kinds = [("fp32", "fp32", fp32), ("fp32", "bf16", fp32), ("bf16", "bf16", "tf32"), ("fp16", "fp16", "tf32")]
+    # What NVIDIA sm_80+ gets: "tf32x3" for fp32, "tf32" for bf16/fp16.
+    fp32, low = (td._dot_precision(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16))
+    kinds = [("fp32", "fp32", fp32), ("fp32", "bf16", fp32), ("bf16", "bf16", low), ("fp16", "fp16", low)]
     configs = td._lens_configs(False)
     for index, config in enumerate(configs):
         # The first config also in single-pass TF32, to count its tensor-core instructions against.

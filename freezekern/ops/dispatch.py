@@ -19,7 +19,7 @@ from freezekern.ops import reference
 logger = logging.getLogger("freezekern.ops")
 
 IMPLS = ("auto", "torch", "triton", "native")
-_logged_choice: set[tuple[str, str, str]] = set()
+_logged_choice: set[tuple] = set()
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -68,10 +68,10 @@ def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | 
         chosen = "native" if _native_usable(op, device) else ("triton" if triton_ok else "torch")
     else:
         chosen = "native" if _native_usable(op, device) else "torch"
-    key = (op, device.type, chosen)
+    key = (op, device.type, dtype, chosen)
     if key not in _logged_choice:
         _logged_choice.add(key)
-        logger.debug("impl='auto' for %s on %s -> %s", op, device.type, chosen)
+        logger.debug("impl='auto' for %s on %s (%s) -> %s", op, device.type, dtype or "any dtype", chosen)
     return chosen
 
 

@@ -85,23 +85,29 @@ _MIN_SPLIT = 1024
 _AUTOTUNE_MIN_LOGITS = 1 << 22
 
 
-def _fp32_dot_precision(device: torch.device) -> str:
-    """tl.dot precision for fp32 operands on ``device``.
+def _dot_precision(device: torch.device, mm_dtype: torch.dtype) -> str:
+    """tl.dot input precision for the logit-lens matmul of ``mm_dtype`` operands on ``device``.
 
-    NVIDIA Ampere and newer: "tf32x3", three TF32 tensor-core products (the
-    operands split into high and low TF32 parts), accurate to about fp32.
-    Elsewhere (older GPUs, ROCm, whose Triton has no tf32x3): "ieee", on the
-    FMA units. The interpreter accepts either and computes in fp32.
+    fp32 on NVIDIA Ampere and newer: "tf32x3", three TF32 tensor-core
+    products (the operands split into high and low TF32 parts), accurate to
+    about fp32; on older GPUs and ROCm (whose Triton has no tf32x3): "ieee",
+    on the FMA units. bf16/fp16 operands enter the tensor cores as they are
+    whatever the flag says: "tf32" on NVIDIA, "ieee" on ROCm, whose Triton
+    accepts "tf32" only on some GPUs. The interpreter accepts any of them and
+    computes in fp32.
     """
+    fp32 = mm_dtype == torch.float32
     if device.type != "cuda":
-        return "tf32x3"
-    return _cuda_fp32_dot_precision(device.index if device.index is not None else torch.cuda.current_device())
+        return "tf32x3" if fp32 else "tf32"
+    return _cuda_dot_precision(device.index if device.index is not None else torch.cuda.current_device(), fp32)
 
 
 @functools.cache
-def _cuda_fp32_dot_precision(index: int) -> str:
+def _cuda_dot_precision(index: int, fp32: bool) -> str:
     if torch.version.hip is not None:
         return "ieee"
+    if not fp32:
+        return "tf32"
     return "tf32x3" if torch.cuda.get_device_capability(index)[0] >= 8 else "ieee"
 
 
@@ -530,7 +536,7 @@ def logit_lens_deviation(
         bias_c if bias_c is not None else x, target,
         part_max, part_sum,
         n_rows, dim, vocab, per_split, int(ignore_index),
-        HAS_BIAS=bias_c is not None, DOT_PRECISION=_fp32_dot_precision(h.device) if mm_dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias_c is not None, DOT_PRECISION=_dot_precision(h.device, mm_dtype),
         DOT_FP32=interpret and mm_dtype == torch.bfloat16,
     )
 
