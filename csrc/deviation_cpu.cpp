@@ -460,7 +460,7 @@ FK_INLINE void cosine_rows_mode(const CosineArgs& a, int64_t begin, int64_t end)
       cs = {r.scale * fs.p + fs.s, magnitude + 2.0f * r.scale * fs.r, fs.bb};
       // The expanded y.y carries the rounding of magnitude: its relative error
       // grows as magnitude / y.y, so rows where the bias cancels a quarter or
-      // more of it (rare in real models) are summed again with y built.
+      // more of it are summed again with y built (a second pass, from L1).
       if (!(cs.yy > kExpandedMinRatio * magnitude)) cs = cosine_sums<kMode>(x, b, r, d);
     } else {
       cs = cosine_sums<kMode>(x, b, r, d);
