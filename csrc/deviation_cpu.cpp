@@ -3,7 +3,7 @@
 // cosine_deviation: one pass over memory per row: bf16/fp16 elements are
 // widened to fp32 in registers, the norm statistics (when needed, see
 // below) and the three sums (y.b, y.y, b.b) run over the row while it is in
-// L1. The gathered basis rows (and, for the modes with a mean pass, the h
+// L1. The gathered basis rows (and, with LayerNorm or a norm bias, the h
 // rows) are prefetched into L2 two rows ahead. No [N, D] buffer is made.
 //
 // logit_lens_deviation: the counted rows (target != ignore_index) are
@@ -431,9 +431,10 @@ FK_INLINE void cosine_rows_mode(const CosineArgs& a, int64_t begin, int64_t end)
   const TB* basis = static_cast<const TB*>(a.basis);
   const int64_t d = a.d;
   // h is read in order and the hardware prefetchers keep up with the light
-  // modes; the modes with a mean pass compute long enough per row that
-  // fetching h ahead as well hides its latency (benchmarks/ab_cpu_cosine.py:
-  // up to 16 % faster with LayerNorm + bias; for RMSNorm it was mixed).
+  // modes; with LayerNorm (a mean pass) or a norm bias (the Full sums) a row
+  // computes long enough that fetching h ahead as well hides its latency
+  // (benchmarks/ab_cpu_cosine.py: up to 16 % faster with LayerNorm + bias;
+  // for plain RMSNorm it was mixed).
   constexpr bool kPrefetchH = kMode == CosineMode::Centered || kMode == CosineMode::CenteredWeighted ||
                               kMode == CosineMode::Full;
   for (int64_t i = begin; i < end; ++i) {
