@@ -110,8 +110,8 @@ def _trace_and_plan(args, model, tokenizer, batches=None):
         batches = fk.make_batches(tokenizer, args.data, seq_len=args.seq_len, num_tokens=args.tokens,
                                   batch_size=args.batch_size, seed=args.seed)
     trace = fk.analyze(model, batches, metric=args.metric, impl=args.impl, model_id=args.model or None)
-    plan = fk.plan(trace, args.policy, budget=args.budget, min_trainable=args.min_trainable,
-                   n_frozen=args.freeze, fraction=args.fraction, train_head=args.train_head)
+    plan = fk.plan(trace, args.policy, trained_share=args.budget, min_trainable=args.min_trainable,
+                   boundary=args.freeze, frozen_share=args.fraction, train_head=args.train_head)
     return trace, plan
 
 

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
-from freezekern.policy import FreezePlan, fit_scaling_law
+from freezekern.io import atomic_write_bytes
+from freezekern.policy import FreezePlan, ScalingFit
 from freezekern.trace import DeviationTrace
+
+
+def _plan_fit(plan: FreezePlan | None) -> ScalingFit | None:
+    """The depth law the plan was chosen with (None for policies that fit none)."""
+    return ScalingFit(**plan.fit) if plan is not None and plan.fit else None
 
 
 def trace_table(trace: DeviationTrace, plan: FreezePlan | None = None) -> str:
     """One row per latent space: D_k, the fitted law, the reduction and gain of layer k."""
     gains = plan.gains if plan is not None and plan.gains else None
     reductions = plan.reductions if plan is not None and plan.reductions else None
-    fit = fit_scaling_law(trace.deviations) if trace.num_layers >= 2 else None
+    fit = _plan_fit(plan)
     lines = [f"{'space':>6} {'D_k':>11} {'fit':>11} {'r_k':>10} {'G_k':>10}  "]
     for k, value in enumerate(trace.deviations):
-        fitted = f"{float(fit(k)):11.4f}" if fit is not None and k >= 1 else " " * 11
+        fitted = f"{float(fit(k)):11.4f}" if fit is not None and k >= fit.start else " " * 11
         red = f"{reductions[k]:10.4f}" if reductions and reductions[k] is not None else " " * 10
         gain = f"{gains[k]:10.4f}" if gains and gains[k] is not None else " " * 10
         mark = ""
@@ -40,9 +45,10 @@ def plot_trace(trace: DeviationTrace, plan: FreezePlan | None, path) -> Path:
     fig, (ax_dev, ax_gain) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True,
                                           gridspec_kw={"height_ratios": [3, 2]})
     ax_dev.plot(spaces[1:], trace.deviations[1:], "o-", color="tab:blue", label=f"D_k ({trace.metric})")
-    if trace.num_layers >= 2:
-        fit = fit_scaling_law(trace.deviations)
-        ax_dev.plot(spaces[1:], [float(fit(k)) for k in spaces[1:]], "--", color="tab:gray",
+    fit = _plan_fit(plan)
+    if fit is not None:
+        fitted = spaces[fit.start:]
+        ax_dev.plot(fitted, [float(fit(k)) for k in fitted], "--", color="tab:gray",
                     label=f"fit E + A(k+1)^-a, a={fit.alpha:.2f}")
     ax_dev.set_ylabel("mean deviation")
     ax_dev.set_title(f"{trace.model_id}: {trace.metric} trace over {trace.token_count:,} tokens "
@@ -62,13 +68,10 @@ def plot_trace(trace: DeviationTrace, plan: FreezePlan | None, path) -> Path:
                     va="top", color="tab:red")
     ax_dev.legend(loc="lower left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

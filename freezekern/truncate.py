@@ -33,6 +33,21 @@ backward with the same parameters frozen (no frozen parameter lies on a path
 between the loss and a trainable parameter except through h_k, whose gradient
 is never needed). The tests compare gradients under every setup.
 
+A plan with ``cut=False`` (policy "none": full fine-tuning) freezes nothing and
+changes no forward; ``apply(model, 0)`` (a bare k = 0) freezes the embeddings
+(and a tied head) and stops the backward at block 1, which is not the same.
+
+Boundary sources: a provider of ready boundary states (the prefix cache in
+``freezekern.prefix_cache``, or a forward shared between a policy and its
+reference model) implements ``BoundarySource`` and is attached with
+``handle.set_boundary_source(source)``. truncate asks it for a state only on
+forwards that cannot observe the prefix (no ``output_hidden_states`` or
+``output_attentions``, ``input_ids`` rather than ``inputs_embeds``, no KV
+cache, no foreign hooks on the prefix modules, blocks that return a tensor);
+when it answers, the embedding returns the state as a stand-in, the frozen
+blocks pass it through and the cut hands block k+1 the state. Neither side
+touches the other's private state.
+
 Bad input is refused: k outside [0, L], a plan made for another model,
 applying twice, removing twice, trainable PEFT adapters inside the frozen
 prefix (``frozen_adapters="refuse"``, the default; ``"freeze"`` freezes them),
@@ -53,6 +68,7 @@ import logging
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -68,6 +84,24 @@ _STATE_ATTR = "_freezekern_state"
 _INNER_ATTR = "_freezekern_inner_forward"
 
 
+class BoundarySource(Protocol):
+    """What a provider of boundary states implements (see the module docstring).
+
+    ``begin(args, kwargs)``: called at the start of a model call that may skip
+    the prefix, with the model's call arguments; return the boundary state
+    [B, T, D] (dtype and device of the hidden states) to serve, or None to let
+    the prefix compute it. ``computed(hidden)``: the state the prefix computed
+    for that call (only when ``begin`` returned None). ``detached()``: the
+    handle no longer uses this source.
+    """
+
+    def begin(self, args: tuple, kwargs: dict) -> torch.Tensor | None: ...
+
+    def computed(self, hidden: torch.Tensor) -> None: ...
+
+    def detached(self) -> None: ...
+
+
 @dataclass
 class _CutState:
     """Per-forward bookkeeping shared by the wrappers and hooks of one handle."""
@@ -77,40 +111,50 @@ class _CutState:
     recorded_blocks: list[nn.Module]
     embedding: nn.Module | None = None
     cut_seen: bool = False
-    prefix_cache: object | None = None  # a freezekern.prefix_cache.PrefixCache, when attached
-    skip_prefix: bool = False  # set by the prefix cache for a forward whose boundary state is cached
-    cached_hidden: torch.Tensor | None = None
-    stats: dict = field(default_factory=lambda: {"cuts": 0, "leaf_cuts": 0})
+    source: BoundarySource | None = None
+    consulted: bool = False  # this model call asked the source (so it sees the computed state)
+    served: torch.Tensor | None = None  # the state the source gave for this call
+    served_ids: torch.Tensor | None = None  # ... for the forward whose embedding gets exactly these ids
+    skipping: bool = False  # the embedding returned the served state: frozen blocks pass it through
+    skip_unsupported: str | None = None
+    stats: dict = field(default_factory=lambda: {"cuts": 0, "leaf_cuts": 0, "served": 0, "unservable": 0})
+    refusals_logged: set = field(default_factory=set)
+
+    def reset_call(self) -> None:
+        self.cut_seen = False
+        self.consulted = False
+        self.served = self.served_ids = None
+        self.skipping = False
 
 
 def _graph_free_forward(self, *args, **kwargs):
     """Per-instance forward of a frozen module: the original forward under ``torch.no_grad()``."""
     state: _CutState | None = self.__dict__.get(_STATE_ATTR)
-    cache = state.prefix_cache if state is not None else None
-    if cache is not None:
-        if self is state.embedding:  # the embedding starts a forward: a cache hit may skip the prefix
-            cache.arm(args, kwargs)
-        if state.skip_prefix:
+    if state is not None and state.served is not None:
+        if self is state.embedding:
+            ids = args[0] if args else kwargs.get("input")
+            state.skipping = ids is state.served_ids
+        if state.skipping:
             return _skipped_output(self, state, args, kwargs)
     if torch.is_grad_enabled() and _would_checkpoint(self):
         kwargs = _drop_cache_like_checkpointing(self, kwargs)
     inner = self.__dict__.get(_INNER_ATTR)
     with torch.no_grad():
         out = inner(*args, **kwargs) if inner is not None else type(self).forward(self, *args, **kwargs)
-    if cache is not None:
-        cache.note_output(self, out)
+    if state is not None and self is not state.embedding and not isinstance(out, torch.Tensor) \
+            and state.skip_unsupported is None:
+        state.skip_unsupported = f"{type(self).__name__} returns {type(out).__name__}, not a tensor"
     return out
 
 
 def _skipped_output(module: nn.Module, state: _CutState, args, kwargs):
-    """Stand-in output of a frozen module whose result the prefix cache already holds.
+    """Stand-in output of a frozen module while the boundary state is served.
 
-    The embedding returns the cached boundary state (right shape, dtype and
-    device; its values are replaced at the cut anyway); a block passes its
-    hidden-state input through.
+    The embedding returns the served state (right shape, dtype and device; the
+    cut replaces the value anyway); a block passes its hidden-state input through.
     """
     if module is state.embedding:
-        return state.cached_hidden
+        return state.served
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     return kwargs["hidden_states"]
@@ -167,11 +211,12 @@ class FreezeHandle:
 
     Attributes: ``boundary`` (k, the number of frozen blocks), ``num_layers``,
     ``plan`` (the FreezePlan or None for a bare k), ``parts``, ``train_head``,
-    ``train_final_norm``, ``active``.
+    ``train_final_norm``, ``cut`` (False for a full-fine-tuning plan, which
+    changes nothing), ``active``.
     """
 
     def __init__(self, model: nn.Module, parts: ModelParts, boundary: int, plan: FreezePlan | None,
-                 train_head: bool, train_final_norm: bool, state: _CutState):
+                 train_head: bool, train_final_norm: bool, state: _CutState, cut: bool = True):
         self.model = model
         self.parts = parts
         self.boundary = boundary
@@ -179,6 +224,7 @@ class FreezeHandle:
         self.plan = plan
         self.train_head = train_head
         self.train_final_norm = train_final_norm
+        self.cut = cut
         self.active = True
         self._state = state
         self._changed_flags: list[nn.Parameter] = []
@@ -204,16 +250,60 @@ class FreezeHandle:
         """The input embedding module whose forward runs graph-free."""
         return self._state.embedding
 
+    def prefix_modules(self) -> list[nn.Module]:
+        """The modules of the frozen prefix, in forward order: the embedding, then blocks 1..k."""
+        if not self.cut:
+            return []
+        return [self._state.embedding, *self._state.recorded_blocks[: self.boundary]]
+
+    def prefix_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the frozen prefix, each once."""
+        seen: dict[int, nn.Parameter] = {}
+        for module in self.prefix_modules():
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
     @property
     def stats(self) -> dict:
-        """Counters: ``cuts`` (forwards cut at the boundary), ``leaf_cuts`` (cuts that made a grad leaf)."""
+        """Counters: ``cuts`` (training forwards cut at the boundary), ``leaf_cuts`` (cuts that made a
+        grad leaf), ``served`` (forwards whose boundary state came from the boundary source),
+        ``unservable`` (forwards the source was not asked about: they could observe the prefix)."""
         return dict(self._state.stats)
+
+    # -- boundary source ------------------------------------------------------------------------
+    @property
+    def boundary_source(self) -> BoundarySource | None:
+        return self._state.source
+
+    def set_boundary_source(self, source: BoundarySource) -> None:
+        """Let ``source`` serve boundary states (replaces and detaches any previous source)."""
+        if not self.active:
+            raise RuntimeError("this FreezeHandle was already removed")
+        if not self.cut or self.boundary >= self.num_layers:
+            raise ValueError("this plan has no boundary state to serve "
+                             f"({'nothing is frozen' if not self.cut else 'every block is frozen'})")
+        previous = self._state.source
+        self._state.source = source
+        self._state.reset_call()
+        if previous is not None and previous is not source:
+            previous.detached()
+
+    def clear_boundary_source(self, source: BoundarySource | None = None) -> None:
+        """Stop using the boundary source (only if it is ``source``, when given)."""
+        current = self._state.source
+        if current is None or (source is not None and current is not source):
+            return
+        self._state.source = None
+        self._state.reset_call()
+        current.detached()
 
     def summary(self) -> dict:
         trainable = trainable_parameters(self.model)
         return {
             "boundary": self.boundary,
             "num_layers": self.num_layers,
+            "cut": self.cut,
             "trained_blocks": list(range(self.boundary + 1, self.num_layers + 1)),
             "train_head": self.train_head,
             "train_final_norm": self.train_final_norm,
@@ -221,13 +311,14 @@ class FreezeHandle:
             "trainable_params": sum(p.numel() for p in trainable),
             "frozen_by_handle": sum(p.numel() for p in self._changed_flags),
             "frozen_adapters": len(self._frozen_adapters),
-            "prefix_cache": self._state.prefix_cache is not None,
+            "boundary_source": type(self._state.source).__name__ if self._state.source is not None else None,
             "active": self.active,
         }
 
     def __repr__(self) -> str:
         status = "active" if self.active else "removed"
-        return f"FreezeHandle(boundary={self.boundary}, num_layers={self.num_layers}, {status})"
+        cut = "" if self.cut else ", no cut"
+        return f"FreezeHandle(boundary={self.boundary}, num_layers={self.num_layers}{cut}, {status})"
 
     def __enter__(self) -> FreezeHandle:
         return self
@@ -252,8 +343,7 @@ class FreezeHandle:
                     f"cannot restore {type(module).__name__}.forward: something replaced freezekern's per-instance "
                     f"forward after apply() (found {current!r}); undo that wrapper first, then remove()"
                 )
-        if self._state.prefix_cache is not None:
-            self._state.prefix_cache.detach()
+        self.clear_boundary_source()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -359,33 +449,55 @@ def _fingerprints(model: nn.Module, parts: ModelParts) -> set[str]:
 def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeHandle:
     """Move an applied boundary deeper (never shallower); returns the new handle.
 
-    Parameters that become frozen lose their ``.grad`` and, when ``optimizer``
-    is given (a torch optimizer, or a wrapper with ``.optimizer``), their
-    optimizer state (Adam moments); they stay in its parameter groups, where a
-    parameter without a gradient is skipped, so saved optimizer states keep
-    their layout. Adapters inside newly frozen blocks are frozen too.
+    Everything is checked before anything changes: a bad k, a shallower k or
+    a plan for another model raises and leaves the old boundary applied. If
+    applying the new boundary fails anyway, the old one is applied again
+    before the error propagates. Parameters that become frozen lose their
+    ``.grad`` and, when ``optimizer`` is given (a torch optimizer, or a wrapper
+    with ``.optimizer``), their optimizer state (Adam moments); they stay in
+    its parameter groups, where a parameter without a gradient is skipped, so
+    saved optimizer states keep their layout. Adapters inside newly frozen
+    blocks are frozen too. A boundary source with a ``moved(new_handle)``
+    method is told about the new handle.
     """
     if not handle.active:
         raise RuntimeError("this FreezeHandle was already removed; apply() a plan instead")
-    _, k = _as_plan(plan_or_k)
-    if k < handle.boundary:
-        raise ValueError(f"the boundary only moves deeper: {handle.boundary} -> {k} would unfreeze blocks")
-    if k == handle.boundary and not isinstance(plan_or_k, (FreezePlan, Mapping)):
-        return handle
-    before = {id(p) for p in trainable_parameters(handle.model)}
+    plan, k = _as_plan(plan_or_k)
     model, parts, train_head, train_norm = handle.model, handle.parts, handle.train_head, handle.train_final_norm
-    cache = handle._state.prefix_cache
+    if plan is not None:
+        _check_plan_fits(model, parts, plan)
+        if not plan.cut:
+            raise ValueError("move_boundary cannot move to a full-fine-tuning plan (policy 'none'): it would "
+                             "unfreeze every block; remove() the handle instead")
+    _check_boundary(k, parts.num_layers)
+    if handle.cut and k < handle.boundary:
+        raise ValueError(f"the boundary only moves deeper: {handle.boundary} -> {k} would unfreeze blocks")
+    if handle.cut and k == handle.boundary and plan is None:
+        return handle
+    before = {id(p) for p in trainable_parameters(model)}
+    source = handle.boundary_source
+    old_plan = handle.plan if handle.plan is not None else handle.boundary
     handle.remove()
-    new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                frozen_adapters="freeze")
+    try:
+        new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
+                    frozen_adapters="freeze")
+    except BaseException:
+        for p in model.parameters():  # restore the old flags, then the old cut
+            if id(p) in before:
+                p.requires_grad_(True)
+        restored = apply(model, old_plan, train_head=train_head, train_final_norm=train_norm, parts=parts,
+                         frozen_adapters="freeze")
+        if source is not None and hasattr(source, "moved"):
+            source.moved(restored)
+        raise
     newly_frozen = [p for p in model.parameters() if id(p) in before and not p.requires_grad]
     inner = getattr(optimizer, "optimizer", optimizer)
     for p in newly_frozen:
         p.grad = None
         if inner is not None:
             inner.state.pop(p, None)
-    if cache is not None:
-        cache.attach(new)
+    if source is not None and hasattr(source, "moved"):
+        source.moved(new)
     logger.info("boundary moved %d -> %d: %d parameter tensors newly frozen", handle.boundary, new.boundary,
                 len(newly_frozen))
     return new
@@ -424,9 +536,12 @@ def apply(
     """Freeze the embeddings and blocks 1..k of ``model`` and cut its backward pass at block k+1.
 
     ``plan_or_k``: a FreezePlan (checked against the model: same number of
-    blocks and fingerprint) or an int k in [0, L]. ``train_head`` defaults to
-    the plan's choice (for a bare k: trained unless tied to the input
-    embedding); ``train_final_norm`` to the plan's (True for a bare k).
+    blocks and fingerprint) or an int k in [0, L]. A plan with ``cut=False``
+    (policy "none") freezes nothing and returns a handle that changes nothing.
+    ``train_head`` defaults to the plan's choice (for a bare k: trained unless
+    tied to the input embedding); ``train_final_norm`` to the plan's (True for
+    a bare k). ``parts``: the model's parts when ``discover(model)`` cannot
+    find them, e.g. ``apply(model, plan, parts=discover(model, layers="transformer.h"))``.
     ``frozen_adapters``: what to do with trainable PEFT adapter parameters
     inside the frozen prefix: ``"refuse"`` (raise; build LoRA above the
     boundary with ``freezekern.integrations.peft.lora_config_for_plan``) or
@@ -439,24 +554,15 @@ def apply(
     parts = parts or discover(model)
     num_layers = parts.num_layers
     if plan is not None:
-        if plan.num_layers != num_layers:
-            raise ValueError(
-                f"the plan was made for a model with {plan.num_layers} blocks, this {type(model).__name__} has "
-                f"{num_layers}: analyse this model and plan again"
-            )
-        prints = _fingerprints(model, parts)
-        if plan.fingerprint not in prints:
-            raise ValueError(
-                f"the plan was made for another model (fingerprint {plan.fingerprint}, model id {plan.model_id!r}); "
-                f"this model's fingerprint is {parts.fingerprint()}: analyse this model and plan again"
-            )
-    if not 0 <= k <= num_layers:
-        raise ValueError(f"boundary k={k} is outside [0, {num_layers}] (the model has {num_layers} blocks)")
+        _check_plan_fits(model, parts, plan)
+    _check_boundary(k, num_layers)
     existing = active_handle(model) or parts.blocks.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
         raise RuntimeError(
             f"a freeze plan is already applied to this model ({existing!r}); call handle.remove() first"
         )
+    if plan is not None and not plan.cut:
+        return _apply_no_cut(model, parts, plan)
     if train_head is None:
         train_head = plan.train_head if plan is not None else not parts.tied
     if train_final_norm is None:
@@ -513,13 +619,20 @@ def apply(
             handle._changed_flags.append(p)
         for module in [embedding, *parts.blocks[:k]]:
             _wrap_forward(handle, module, state)
-        handle._hooks.append(parts.blocks[0].register_forward_pre_hook(_make_start_hook(state, parts)))
+        own_hooks: set[int] = set()
+        handle._hooks.append(model.register_forward_pre_hook(_make_call_hook(handle, state, own_hooks),
+                                                             with_kwargs=True))
+        start = parts.blocks[0].register_forward_pre_hook(_make_start_hook(state, parts))
+        handle._hooks.append(start)
+        own_hooks.add(start.id)
         if k < num_layers:
             cut_block = parts.blocks[k]
             handle._hooks.append(
                 cut_block.register_forward_pre_hook(_make_cut_hook(state, k), with_kwargs=True)
             )
-            handle._hooks.append(parts.lm_head.register_forward_pre_hook(_make_check_hook(state, parts, model)))
+            check = _make_check(state, parts, model)
+            handle._hooks.append(parts.blocks[-1].register_forward_hook(lambda module, args, out: check()))
+            handle._hooks.append(parts.lm_head.register_forward_pre_hook(lambda module, args: check()))
     except BaseException:
         handle.remove()
         raise
@@ -534,6 +647,38 @@ def apply(
     return handle
 
 
+def _apply_no_cut(model: nn.Module, parts: ModelParts, plan: FreezePlan) -> FreezeHandle:
+    """A full-fine-tuning plan: nothing frozen, no forward changed; the handle only marks the model."""
+    state = _CutState(boundary=0, blocks=parts.blocks, recorded_blocks=list(parts.blocks))
+    handle = FreezeHandle(model, parts, 0, plan, True, True, state, cut=False)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        logger.info("full-fine-tuning plan applied; %d parameter tensors were already frozen before (e.g. %s) and "
+                    "stay so", len(frozen), frozen[0])
+    model.__dict__[_HANDLE_ATTR] = handle
+    parts.blocks.__dict__[_HANDLE_ATTR] = handle
+    return handle
+
+
+def _check_boundary(k: int, num_layers: int) -> None:
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"boundary k={k} is outside [0, {num_layers}] (the model has {num_layers} blocks)")
+
+
+def _check_plan_fits(model: nn.Module, parts: ModelParts, plan: FreezePlan) -> None:
+    """Refuse a plan made for another model (number of blocks, fingerprint)."""
+    if plan.num_layers != parts.num_layers:
+        raise ValueError(
+            f"the plan was made for a model with {plan.num_layers} blocks, this {type(model).__name__} has "
+            f"{parts.num_layers}: analyse this model and plan again"
+        )
+    if plan.fingerprint not in _fingerprints(model, parts):
+        raise ValueError(
+            f"the plan was made for another model (fingerprint {plan.fingerprint}, model id {plan.model_id!r}); "
+            f"this model's fingerprint is {parts.fingerprint()}: analyse this model and plan again"
+        )
+
+
 def _wrap_forward(handle: FreezeHandle, module: nn.Module, state: _CutState) -> None:
     current = module.__dict__.get("forward")
     if isinstance(current, types.MethodType) and current.__func__ is _graph_free_forward:
@@ -544,6 +689,73 @@ def _wrap_forward(handle: FreezeHandle, module: nn.Module, state: _CutState) -> 
     module.__dict__[_STATE_ATTR] = state
     module.forward = types.MethodType(_graph_free_forward, module)
     handle._wrapped.append((module, had_own))
+
+
+_READS_PREFIX = ("output_hidden_states", "output_attentions")
+# transformers' enable_input_require_grads (sets a flag on the output) and its output recorder (inert
+# unless output_hidden_states/output_attentions are asked for, which are refused separately)
+_HARMLESS_HOOKS = {"make_inputs_require_grads", "output_capturing_hook"}
+
+
+def _foreign_hooks(modules: list[nn.Module], own: set[int]) -> str | None:
+    """The first forward hook on a prefix module that is not freezekern's (it would see stand-in values)."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return "a global forward hook"
+    for top in modules:
+        for sub in top.modules():
+            for hooks in (sub._forward_hooks, sub._forward_pre_hooks):
+                for hook_id, hook in hooks.items():
+                    if hook_id not in own and getattr(hook, "__name__", "") not in _HARMLESS_HOOKS:
+                        return f"a forward hook on {type(sub).__name__} ({getattr(hook, '__name__', hook)!r})"
+    return None
+
+
+def _skip_refusal(handle: FreezeHandle, state: _CutState, args, kwargs, own: set[int]) -> str | None:
+    """Why this model call must run its prefix (None: the boundary source may serve it)."""
+    if state.skip_unsupported is not None:
+        return state.skip_unsupported
+    config = getattr(handle.model, "config", None)
+    for name in _READS_PREFIX:
+        value = kwargs.get(name)
+        if value is None:
+            value = getattr(config, name, None)
+        if value is not None and value is not False:  # True, or (transformers 5) selected layer indices
+            return f"{name}={value!r} reads the prefix"
+    if kwargs.get("inputs_embeds") is not None:
+        return "inputs_embeds skips the embedding"
+    if kwargs.get("past_key_values") is not None:
+        return "a KV cache is read"
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor):
+        return "no input_ids"
+    return _foreign_hooks(handle.prefix_modules(), own)
+
+
+def _make_call_hook(handle: FreezeHandle, state: _CutState, own: set[int]):
+    """Forward pre-hook on the model: fresh per-call state, and the boundary source's chance to serve."""
+
+    def start_of_call(module, args, kwargs):
+        state.reset_call()
+        source = state.source
+        if source is None:
+            return None
+        refusal = _skip_refusal(handle, state, args, kwargs, own)
+        if refusal is not None:
+            state.stats["unservable"] += 1
+            if refusal not in state.refusals_logged:
+                state.refusals_logged.add(refusal)
+                logger.info("boundary source not asked (the prefix runs): %s", refusal)
+            return None
+        state.consulted = True
+        served = source.begin(args, kwargs)
+        if served is not None:
+            state.served = served
+            state.served_ids = kwargs.get("input_ids", args[0] if args else None)
+        return None
+
+    return start_of_call
 
 
 def _make_start_hook(state: _CutState, parts: ModelParts):
@@ -571,14 +783,23 @@ def _make_cut_hook(state: _CutState, k: int):
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
             hidden, in_args = kwargs["hidden_states"], False
         else:
+            state.reset_call()
             arg_types = [type(a).__name__ for a in args]
             raise TypeError(
                 f"freezekern cannot cut the input of block {k + 1} ({type(module).__name__}): expected the hidden "
                 f"state as its first positional argument or as hidden_states=, found positional arguments "
                 f"{arg_types} and keyword arguments {sorted(kwargs)}"
             )
-        if state.prefix_cache is not None:
-            hidden = state.prefix_cache.on_boundary(hidden)
+        try:
+            if state.skipping:
+                hidden = state.served
+                state.stats["served"] += 1
+            elif state.consulted and state.source is not None and state.skip_unsupported is None:
+                state.source.computed(hidden)
+        finally:
+            state.consulted = False
+            state.served = state.served_ids = None
+            state.skipping = False
         cut_hidden = hidden.detach()
         if torch.is_grad_enabled():
             state.stats["cuts"] += 1
@@ -594,15 +815,17 @@ def _make_cut_hook(state: _CutState, k: int):
     return cut
 
 
-def _make_check_hook(state: _CutState, parts: ModelParts, model: nn.Module):
-    def check(module, args):
+def _make_check(state: _CutState, parts: ModelParts, model: nn.Module):
+    """Raise when a training forward got past the last block (or reached the head) without the cut."""
+
+    def check():
         if torch.is_grad_enabled() and not state.cut_seen:
             raise RuntimeError(
-                f"the forward of {type(model).__name__} reached its LM head without calling block {state.boundary + 1} "
-                f"of '{parts.blocks_path}' ({type(parts.blocks[state.boundary]).__name__}) through its module call, "
-                "so freezekern could not cut the backward there; this model's forward cannot be cut cleanly "
-                "(pass layers='path.to.blocks' to discover() if the block list is another one)"
+                f"the forward of {type(model).__name__} went past its blocks without calling block "
+                f"{state.boundary + 1} of '{parts.blocks_path}' ({type(parts.blocks[state.boundary]).__name__}) "
+                "through its module call, so freezekern could not cut the backward there; this model's forward "
+                "cannot be cut cleanly (if the block list is another one, pass "
+                "parts=freezekern.discover(model, layers='path.to.blocks') to apply())"
             )
-        return None
 
     return check

@@ -52,11 +52,11 @@ def _agreement(rank):
     assert agree_on_boundary(local_k) == 2
     model = _model()
     summary = discover(model).summary()
-    agreed = agree_on_plan(make_plan(summary, "fixed", n_frozen=local_k), summary["parameter_counts"])
+    agreed = agree_on_plan(make_plan(summary, "fixed", boundary=local_k), summary["parameter_counts"])
     assert agreed.boundary == 2 and agreed.num_layers == L
     if rank == 1:
         assert "lowered from 4 to 2" in agreed.notes[-1]
-        assert agreed.trainable_params > make_plan(summary, "fixed", n_frozen=4).trainable_params
+        assert agreed.trainable_params > make_plan(summary, "fixed", boundary=4).trainable_params
     # Every rank traces its own data; the merged trace equals one trace over all the data.
     merged = merge_traces(analyze(model, [_batch(rank)], progress=False))
     whole = analyze(model, [_batch(0), _batch(1)], progress=False)
@@ -143,7 +143,7 @@ def test_single_process_helpers_are_identities():
     assert agree_on_boundary(3) == 3
     model = _model()
     summary = discover(model).summary()
-    plan = make_plan(summary, "fixed", n_frozen=3)
+    plan = make_plan(summary, "fixed", boundary=3)
     assert agree_on_plan(plan) is plan
     trace = analyze(model, [_batch(0)], progress=False)
     assert merge_traces(trace) is trace

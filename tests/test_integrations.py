@@ -107,7 +107,7 @@ def test_callback_with_plan_applies_before_optimizer(tmp_path):
     from freezekern.integrations import FreezeKernCallback
 
     model = _model()
-    plan = make_plan(discover(model).summary(), "fixed", n_frozen=4)
+    plan = make_plan(discover(model).summary(), "fixed", boundary=4)
     callback = FreezeKernCallback(plan=plan)
     trainer = _trainer(model, tmp_path, callback, max_steps=2, activation_checkpointing=True,
                        activation_checkpointing_kwargs={"use_reentrant": True})
@@ -126,7 +126,7 @@ def test_callback_reselect_moves_deeper_in_trainer(tmp_path):
     from freezekern.integrations import FreezeKernCallback
 
     model = _model()
-    plan = make_plan(discover(model).summary(), "fixed", n_frozen=1)
+    plan = make_plan(discover(model).summary(), "fixed", boundary=1)
     callback = FreezeKernCallback(plan=plan, reselect_every=1)
     trainer = _trainer(model, tmp_path, callback, max_steps=3)
     trainer.train()
@@ -146,7 +146,7 @@ def test_reselect_step_after_move_is_exact(tmp_path):
     model = _model()
     model.train()
     reference = copy.deepcopy(model)
-    plan = make_plan(discover(model).summary(), "fixed", n_frozen=1)
+    plan = make_plan(discover(model).summary(), "fixed", boundary=1)
     callback = FreezeKernCallback(plan=plan, reselect_every=2)
     args = SimpleNamespace(output_dir=str(tmp_path), ddp_find_unused_parameters=None)
     state = SimpleNamespace(global_step=0, is_world_process_zero=True)
@@ -208,7 +208,7 @@ def test_layers_to_transform_and_lora_config():
 
     peft = pytest.importorskip("peft")
     model = _model()
-    plan = make_plan(discover(model).summary(), "fixed", n_frozen=4)
+    plan = make_plan(discover(model).summary(), "fixed", boundary=4)
     assert layers_to_transform(plan) == [4, 5]
     assert layers_to_transform(2, num_layers=3) == [2]
     with pytest.raises(ValueError, match="num_layers"):
@@ -263,7 +263,7 @@ def test_finetune_reports_compares_and_saves(tmp_path):
     from freezekern.finetune import finetune, format_report
 
     model = _model()
-    plan = make_plan(discover(model).summary(), "fixed", n_frozen=4)
+    plan = make_plan(discover(model).summary(), "fixed", boundary=4)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     report = finetune(model, None, _ft_batches(2, 0), _ft_batches(1, 1), plan, steps=3, lr=1e-2,
                       gradient_checkpointing=True, output_dir=tmp_path, progress=False, compare="full")
@@ -291,7 +291,7 @@ def test_finetune_reports_compares_and_saves(tmp_path):
 def test_finetune_resumes_after_interrupt_without_lost_work(tmp_path):
     from freezekern.finetune import finetune
 
-    plan = make_plan(discover(_model()).summary(), "fixed", n_frozen=3)
+    plan = make_plan(discover(_model()).summary(), "fixed", boundary=3)
     train, held_out = _ft_batches(2, 0), _ft_batches(1, 1)
     straight = _model()
     finetune(straight, None, train, held_out, plan, steps=4, lr=1e-2, progress=False)
@@ -327,7 +327,7 @@ def test_finetune_with_lora_merges_back(tmp_path):
     from freezekern.finetune import finetune
 
     model = _model()
-    plan = make_plan(discover(model).summary(), "fixed", n_frozen=4)
+    plan = make_plan(discover(model).summary(), "fixed", boundary=4)
     before = _snapshot(model)
     report = finetune(model, None, _ft_batches(2, 0), _ft_batches(1, 1), plan, steps=2, lr=1e-2, lora=True,
                       gradient_checkpointing=True, progress=False)

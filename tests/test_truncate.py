@@ -128,7 +128,7 @@ def test_tied_head_trained_through_output_use_only(setup):
 def test_plan_from_trace_applies_and_is_exact():
     model = _model("llama", tie=True)
     parts = discover(model)
-    plan = make_plan(parts.summary(), "fixed", n_frozen=3)
+    plan = make_plan(parts.summary(), "fixed", boundary=3)
     reference = copy.deepcopy(model)
     handle = apply(model, plan)
     assert handle.boundary == 3 and handle.plan is plan and not handle.train_head
@@ -319,12 +319,12 @@ def test_bad_boundaries_and_plans():
     with pytest.raises(TypeError):
         apply(model, True)
     other = tiny_model("llama", num_layers=L, hidden=32, vocab=257)
-    foreign = make_plan(discover(other).summary(), "fixed", n_frozen=2)
+    foreign = make_plan(discover(other).summary(), "fixed", boundary=2)
     with pytest.raises(ValueError, match="another model"):
         apply(model, foreign)
     deeper = tiny_model("llama", num_layers=L + 2, hidden=64, vocab=257)
     with pytest.raises(ValueError, match="blocks"):
-        apply(model, make_plan(discover(deeper).summary(), "fixed", n_frozen=2))
+        apply(model, make_plan(discover(deeper).summary(), "fixed", boundary=2))
     handle = apply(model, 2)
     with pytest.raises(RuntimeError, match="already applied"):
         apply(model, 3)
@@ -429,7 +429,7 @@ def test_peft_lora_top_exact(setup, k, layers):
 
 def test_peft_plan_made_before_lora_is_accepted():
     base = _model("llama", tie=True)
-    plan = make_plan(discover(base).summary(), "fixed", n_frozen=4)
+    plan = make_plan(discover(base).summary(), "fixed", boundary=4)
     from freezekern.integrations.peft import lora_config_for_plan
 
     lora = peft.get_peft_model(base, lora_config_for_plan(plan, model=base, r=4, target_modules=["q_proj"]))
@@ -480,79 +480,3 @@ def test_move_boundary_deeper_keeps_exact_gradients(setup):
     _assert_same_grads(model, reference, _step(model, batch), _step(reference, batch))
     optimizer.step()  # the newly frozen parameters have no gradient: AdamW skips them
     assert all(p not in optimizer.state for p in moving)
-
-
-# -- prefix cache -----------------------------------------------------------------------------
-
-def _epochs(model, batches, epochs, optimizer=None):
-    grads = []
-    for _ in range(epochs):
-        for batch in batches:
-            loss = _step(model, batch)
-            grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-            if optimizer is not None:
-                optimizer.step()
-    return grads
-
-
-@pytest.mark.parametrize("setup", ["plain", "gc_reentrant"])
-def test_prefix_cache_is_exact_and_skips_the_prefix(setup, tmp_path):
-    from freezekern.prefix_cache import PrefixCache
-
-    batches = [_batch(10), _batch(11)]
-    results = {}
-    for use_cache in (False, True):
-        model = _setup(_model("llama", tie=True), setup)
-        handle = apply(model, 4)
-        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
-        cache = PrefixCache(directory=tmp_path / "disk" if setup == "plain" else None).attach(handle) \
-            if use_cache else None
-        calls = []
-        model.model.layers[1].mlp.register_forward_hook(lambda *a, calls=calls: calls.append(1))
-        results[use_cache] = (_epochs(model, batches, 3, optimizer), len(calls), cache)
-    (plain, plain_calls, _), (cached, cached_calls, cache) = results[False], results[True]
-    for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, cached):
-        assert torch.equal(loss_a, loss_b)
-        assert grads_a.keys() == grads_b.keys()
-        for name in grads_a:
-            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0)
-    stats = cache.stats()
-    assert stats["misses"] == 2 and stats["hits"] == 4 and stats["entries"] == 4
-    assert plain_calls == 6 and cached_calls == 2  # the MLP of frozen block 2 ran in epoch 1 only
-
-
-def test_prefix_cache_bypasses_and_invalidates():
-    from freezekern.prefix_cache import PrefixCache
-
-    model = _model("llama")
-    handle = apply(model, 3)
-    cache = PrefixCache(max_bytes=12 * 64 * 4 + 1).attach(handle)  # room for one sample of 12 x 64 fp32
-    batch = _batch(12)
-    _step(model, batch)
-    assert cache.stats()["stored"] == 1 and cache.stats()["rejected"] == 1
-    _step(model, batch)
-    assert cache.stats()["hits"] == 0  # a forward is served only when all its samples are cached
-    cache.max_bytes = 1 << 20
-    cache.clear()
-    _step(model, batch)
-    _step(model, batch)
-    assert cache.stats()["hits"] == 1
-    with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # frozen weights changed in place
-    before = cache.stats()["hits"]
-    _step(model, batch)
-    assert cache.stats()["hits"] == before and cache.stats()["entries"] == 2
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
-    assert cache.stats()["bypassed"] == 1
-    model.model.layers[0].self_attn.attention_dropout = 0.1  # a non-deterministic prefix is never cached
-    cache.attach(handle)  # (determinism is checked again whenever the prefix's train/eval modes change)
-    _step(model, batch)
-    assert cache.stats()["bypassed"] == 2
-    model.model.layers[0].eval()  # in eval mode the dropout is off: cached again
-    _step(model, batch)
-    assert cache.stats()["bypassed"] == 2 and cache.stats()["stored"] > 0
-    handle.remove()
-    assert cache.stats()["entries"] == 2 and not model._forward_pre_hooks
-    with pytest.raises(RuntimeError, match="removed"):
-        cache.attach(handle)

@@ -84,23 +84,22 @@ def agree_on_boundary(k: int, group=None) -> int:
 def agree_on_plan(plan: FreezePlan, parameter_counts: dict | None = None, group=None) -> FreezePlan:
     """``plan`` with the boundary every rank agrees on (the minimum).
 
-    The cost fields are recomputed for the new boundary; ``trainable_params``
-    needs ``parameter_counts`` (``ModelParts.parameter_counts()`` or the
-    trace's) and is left as it was otherwise. Collective.
+    The cost fields (step FLOPs, trainable parameters) are recomputed for the
+    new boundary from ``parameter_counts`` (``ModelParts.parameter_counts()``
+    or the trace's); without them only the backward fraction is. Collective.
     """
     k = agree_on_boundary(plan.boundary, group=group)
     if k == plan.boundary:
         return plan
-    fraction = (plan.num_layers - k) / plan.num_layers
     changes = {
         "boundary": k,
-        "backward_fraction": fraction,
-        "step_flops_fraction": (1.0 + 2.0 * fraction) / 3.0,
+        "backward_fraction": (plan.num_layers - k) / plan.num_layers,
         "notes": [*plan.notes, f"boundary lowered from {plan.boundary} to {k} so that all ranks train the same "
                                "parameters"],
     }
     if parameter_counts is not None:
-        changes.update(cost_model(parameter_counts, plan.num_layers, k, plan.train_head, plan.train_final_norm))
+        changes.update(cost_model(parameter_counts, plan.num_layers, k, plan.train_head, plan.train_final_norm,
+                                  cut=plan.cut))
     return dataclasses.replace(plan, **changes)
 
 

@@ -114,7 +114,7 @@ class FreezeKernCallback(TrainerCallback):
         kwargs = dict(self.policy_kwargs)
         if self.train_head is not None:
             kwargs.setdefault("train_head", self.train_head)
-        return make_plan(trace, self.policy, budget=self.budget, **kwargs)
+        return make_plan(trace, self.policy, trained_share=self.budget, **kwargs)
 
     def _analyse(self, model, batches) -> FreezePlan:
         trace = analyze(model, batches, self.metric, progress=False)

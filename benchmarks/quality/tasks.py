@@ -1,0 +1,217 @@
+"""The quality study's tasks, each with three disjoint splits: train, validation (every choice), test (reported).
+
+- code: next-token loss on the Python standard library's source, split by file.
+- chat: chatterbot-corpus 1.3.3 question/answer pairs in the model's chat
+  template, loss on the answer tokens only, split by category file.
+- classify: the topic of a chatterbot-corpus question, answered by one label
+  word after "Topic:" (loss on the label and the end-of-text token; accuracy
+  is the argmax over the label words at the answer position), split by
+  question, stratified by topic.
+
+Everything is built offline from files that installed packages ship.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from freezekern.data import Example, make_batches, stdlib_files
+from freezekern.training import device_of, evaluate, to_device
+
+CHAT_TEST_EVERY, CHAT_VALIDATION_OFFSET = 5, 2  # category files (sorted) i % 5 == 0: test, == 2: validation
+TOPIC_MIN, TOPIC_CAP = 15, 60  # topics with fewer questions are left out; larger ones are capped
+TOPIC_WORDS = {"tech_support": "support", "botprofile": "profile"}  # single-token label words
+
+
+@dataclass
+class Task:
+    """``train``: the cycled training pool; ``validation``/``test``: held-out batches; ``calibration``:
+    batches from the training split for the trace and the probe; ``calibration_subsets``: three disjoint
+    training-split calibration sets for the stability check."""
+
+    name: str
+    seq_len: int
+    batch_size: int
+    train: list
+    validation: list
+    test: list
+    calibration: list
+    calibration_subsets: list
+    probe_holdout: list
+    notes: list[str] = field(default_factory=list)
+    label_ids: list[int] | None = None  # classify: the label words' token ids
+
+    def evaluate(self, model, batches) -> dict:
+        metrics = {"loss": evaluate(model, batches)}
+        if self.label_ids is not None:
+            metrics["accuracy"] = label_accuracy(model, batches, self.label_ids)
+        return metrics
+
+
+def chatterbot_root() -> Path:
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None:
+        raise RuntimeError("the chat tasks need chatterbot-corpus: pip install --no-deps chatterbot-corpus==1.3.3")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+
+
+def _conversations(path) -> list[list]:
+    import yaml
+
+    return [c for c in yaml.safe_load(Path(path).read_text()).get("conversations", []) if len(c) >= 2]
+
+
+def _split_files(files: list, fractions=(0.7, 0.15)) -> tuple[list, list, list]:
+    n_train, n_val = int(len(files) * fractions[0]), int(len(files) * fractions[1])
+    return files[:n_train], files[n_train:n_train + n_val], files[n_train + n_val:]
+
+
+def _calibration_sets(make, tokens: int) -> list:
+    return [make(tokens, seed=1000 + i) for i in range(3)]
+
+
+def code_task(tokenizer, seq_len, batch_size, train_tokens, eval_tokens, calib_tokens) -> Task:
+    files = stdlib_files(seed=0)
+    train_files, val_files, test_files = _split_files(files)
+    sizes = {"seq_len": seq_len, "batch_size": batch_size}
+
+    def from_files(chosen, tokens, seed=0):
+        chosen = list(chosen)
+        random.Random(seed).shuffle(chosen)
+        return make_batches(tokenizer, files=chosen, num_tokens=tokens, **sizes)
+
+    # the training pool and the calibration sets come from disjoint halves of the training files
+    pool, calib_files = train_files[: len(train_files) // 2], train_files[len(train_files) // 2:]
+    thirds = [calib_files[i::3] for i in range(3)]
+    return Task(
+        name="code", seq_len=seq_len, batch_size=batch_size,
+        train=from_files(pool, train_tokens, seed=1),
+        validation=from_files(val_files, eval_tokens), test=from_files(test_files, eval_tokens),
+        calibration=from_files(calib_files, calib_tokens, seed=2),
+        calibration_subsets=[from_files(t, calib_tokens, seed=3) for t in thirds],
+        probe_holdout=from_files(calib_files, eval_tokens // 2, seed=4),
+        notes=[f"{len(train_files)} train files (half for the training pool, half for calibration and the "
+               f"probe's held-out slice), {len(val_files)} validation and {len(test_files)} test files"],
+    )
+
+
+def _chat_example(tokenizer, conversation) -> Example:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": str(conversation[0])}],
+                                           add_generation_prompt=True, tokenize=False)
+    return Example(prompt=prompt, completion=str(conversation[1]) + "<|im_end|>")
+
+
+def chat_task(tokenizer, seq_len, batch_size, train_tokens, eval_tokens, calib_tokens) -> Task:
+    files = sorted(glob.glob(str(chatterbot_root() / "*.yml")))
+    splits: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
+    names: dict[str, list[str]] = {"validation": [], "test": []}
+    for index, path in enumerate(files):
+        which = "test" if index % CHAT_TEST_EVERY == 0 else (
+            "validation" if index % CHAT_TEST_EVERY == CHAT_VALIDATION_OFFSET else "train")
+        if which != "train":
+            names[which].append(Path(path).stem)
+        splits[which] += [_chat_example(tokenizer, c) for c in _conversations(path)]
+    sizes = {"seq_len": seq_len, "batch_size": batch_size}
+    train = list(splits["train"])
+    random.Random(0).shuffle(train)
+    pool, calib = train[: len(train) // 2], train[len(train) // 2:]
+    thirds = [calib[i::3] for i in range(3)]
+    return Task(
+        name="chat", seq_len=seq_len, batch_size=batch_size,
+        train=make_batches(tokenizer, pool, num_tokens=train_tokens, seed=1, **sizes),
+        validation=make_batches(tokenizer, splits["validation"], num_tokens=eval_tokens, seed=0, **sizes),
+        test=make_batches(tokenizer, splits["test"], num_tokens=eval_tokens, seed=0, **sizes),
+        calibration=make_batches(tokenizer, calib, num_tokens=calib_tokens, seed=2, **sizes),
+        calibration_subsets=[make_batches(tokenizer, t, num_tokens=calib_tokens, seed=3, **sizes) for t in thirds],
+        probe_holdout=make_batches(tokenizer, calib, num_tokens=eval_tokens // 2, seed=4, **sizes),
+        notes=[f"{len(train)} train pairs (half the training pool, half calibration), "
+               f"{len(splits['validation'])} validation pairs (categories {', '.join(names['validation'])}), "
+               f"{len(splits['test'])} test pairs (categories {', '.join(names['test'])})"],
+    )
+
+
+def topic_examples() -> dict[str, list[str]]:
+    """Questions per topic word (chatterbot-corpus categories with at least TOPIC_MIN, capped at TOPIC_CAP)."""
+    topics = {}
+    for path in sorted(glob.glob(str(chatterbot_root() / "*.yml"))):
+        questions = sorted({str(c[0]).strip() for c in _conversations(path)})
+        if len(questions) < TOPIC_MIN:
+            continue
+        random.Random(0).shuffle(questions)
+        topics[TOPIC_WORDS.get(Path(path).stem, Path(path).stem)] = questions[:TOPIC_CAP]
+    return topics
+
+
+def classify_task(tokenizer, seq_len, batch_size, train_tokens, eval_tokens, calib_tokens) -> Task:
+    topics = topic_examples()
+    label_ids = []
+    for word in topics:
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise RuntimeError(f"topic word {word!r} is {len(ids)} tokens; map it to a single-token word")
+        label_ids.append(ids[0])
+    if len(set(label_ids)) != len(label_ids):
+        raise RuntimeError("two topic words share a token")
+    splits: dict[str, list[Example]] = {"train": [], "calibration": [], "validation": [], "test": []}
+    for word, questions in topics.items():
+        n = len(questions)
+        cuts = {"train": (0, int(0.45 * n)), "calibration": (int(0.45 * n), int(0.6 * n)),
+                "validation": (int(0.6 * n), int(0.8 * n)), "test": (int(0.8 * n), n)}
+        for split, (a, b) in cuts.items():
+            splits[split] += [Example(prompt=f"Question: {q}\nTopic:", completion=f" {word}") for q in questions[a:b]]
+    sizes = {"seq_len": seq_len, "batch_size": batch_size}
+    calib = splits["calibration"]
+    thirds = [calib[i::3] for i in range(3)]
+    many = 10 ** 9  # every example, once
+    return Task(
+        name="classify", seq_len=seq_len, batch_size=batch_size,
+        train=make_batches(tokenizer, splits["train"], num_tokens=many, seed=1, **sizes),
+        validation=make_batches(tokenizer, splits["validation"], num_tokens=many, seed=0, **sizes),
+        test=make_batches(tokenizer, splits["test"], num_tokens=many, seed=0, **sizes),
+        calibration=make_batches(tokenizer, calib, num_tokens=calib_tokens, seed=2, **sizes),
+        calibration_subsets=[make_batches(tokenizer, t, num_tokens=many, seed=3, **sizes) for t in thirds],
+        probe_holdout=make_batches(tokenizer, calib, num_tokens=many, seed=4, **sizes),
+        label_ids=label_ids,
+        notes=[f"{len(topics)} topics ({', '.join(topics)}), questions split 45/15/20/20 per topic into train, "
+               f"calibration, validation and test: {len(splits['train'])}, {len(calib)}, "
+               f"{len(splits['validation'])}, {len(splits['test'])}"],
+    )
+
+
+def label_accuracy(model, batches, label_ids: list[int]) -> float:
+    """Share of examples whose label word is the argmax over ``label_ids`` at the answer position.
+
+    The answer position is the first labelled token of each row (the label
+    word; the prompt is labelled -100).
+    """
+    device = device_of(model)
+    allowed = torch.tensor(label_ids, device=device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = to_device(batch, device)
+                labels = batch.pop("labels")
+                logits = model(**batch, use_cache=False).logits
+                for row in range(labels.shape[0]):
+                    where = (labels[row] != -100).nonzero()
+                    if where.numel() == 0:
+                        continue
+                    t = int(where[0])
+                    scores = logits[row, t - 1, allowed]
+                    correct += int(allowed[int(scores.argmax())] == labels[row, t])
+                    total += 1
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)
+
+
+TASKS = {"code": code_task, "chat": chat_task, "classify": classify_task}

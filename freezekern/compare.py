@@ -1,0 +1,450 @@
+"""Equal-compute trials of freeze boundaries: the cost-benefit curve on the user's own data.
+
+Each *arm* (a boundary, or full fine-tuning, optionally LoRA above the
+boundary or the prefix cache) trains a fresh copy of the same model under the
+same compute budget and is scored on held-out batches at common checkpoints
+of that budget. The budget is counted in *full-step equivalents*: estimated
+training FLOPs (``freezekern.cost``, the plan's cost model) divided by the
+FLOPs of one full fine-tuning step, so an arm whose step costs half as much
+takes twice the steps. ``budget_seconds`` counts measured training seconds
+instead (evaluation excluded).
+
+    result = freezekern.compare.compare(model, train_batches, heldout_batches,
+                                        [Arm("full", None), Arm("salf", plan.boundary)], budget_steps=20)
+    print(freezekern.compare.format_table(result))
+
+Training: AdamW (no weight decay) at a constant learning rate, gradient
+norm clipped at 1, training batches cycled in a seeded order that changes
+every epoch; every arm starts from the same weights and, for one seed, sees
+the batches in the same order. ``probe_plan`` uses the same engine on a few
+candidate boundaries to choose one (the ``probe`` policy).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from freezekern.adapters import discover
+from freezekern.cost import StepSetup, flop_costs, full_finetuning, step_cost
+from freezekern.policy import FreezePlan
+from freezekern.training import device_of, enable_checkpointing, evaluate, seed_everything, to_device
+from freezekern.truncate import apply, trainable_parameters
+
+logger = logging.getLogger("freezekern.compare")
+
+DEFAULT_CHECKPOINTS = (0.125, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to fine-tune: ``boundary`` k (blocks 1..k and the embeddings frozen) or None (full fine-tuning).
+
+    ``lora``: LoRA adapters (``lora_kwargs``, default r=8, alpha=16, every
+    linear layer of a block) on blocks k+1..L instead of training their
+    weights. ``prefix_cache``: serve the boundary state of samples seen
+    before (``freezekern.prefix_cache``). ``train_head``: as for
+    ``freezekern.apply`` (None: the plan's default).
+    """
+
+    name: str
+    boundary: int | None
+    lr: float = 1e-4
+    lora: bool = False
+    prefix_cache: bool = False
+    train_head: bool | None = None
+    lora_kwargs: dict | None = None
+
+    def key(self) -> str:
+        """What makes two arms train identically (the name is only a label)."""
+        extra = f"|head={self.train_head}" if self.train_head is not None else ""
+        lora = f"|lora={sorted((self.lora_kwargs or DEFAULT_LORA).items())}" if self.lora else ""
+        return f"k={self.boundary}|lr={self.lr:g}|cache={int(self.prefix_cache)}{lora}{extra}"
+
+
+@dataclass
+class ArmResult:
+    """An arm's curve: one row per checkpoint, ``{"budget", "steps", "flops", "seconds", <metric>: ...}``.
+
+    ``flops`` and ``budget`` in full-step equivalents; ``seconds`` measured
+    training time; each evaluation set adds ``<set>_loss`` (and whatever the
+    evaluation function returns, e.g. ``<set>_accuracy``).
+    """
+
+    arm: Arm
+    seed: int
+    step_cost: float
+    steps: int = 0
+    rows: list[dict] = field(default_factory=list)
+    trainable_params: int = 0
+    cache: dict | None = None
+    train_loss_last: float | None = None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["arm"] = dataclasses.asdict(self.arm)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ArmResult:
+        data = dict(data)
+        data["arm"] = Arm(**data["arm"])
+        return cls(**data)
+
+    def at(self, fraction: float) -> dict:
+        """The row at the checkpoint nearest to ``fraction`` of the budget."""
+        return min(self.rows, key=lambda r: abs(r["fraction"] - fraction))
+
+
+def _setup_for(arm: Arm, parts, checkpointing: bool, prefix_skipped: bool = False) -> StepSetup:
+    if arm.boundary is None:
+        return dataclasses.replace(full_finetuning(), checkpointing=checkpointing)
+    train_head = arm.train_head if arm.train_head is not None else not parts.tied
+    if arm.lora:
+        train_head = False
+    return StepSetup(boundary=arm.boundary, train_head=train_head, block_weights=not arm.lora,
+                     checkpointing=checkpointing, prefix_skipped=prefix_skipped)
+
+
+def arm_step_cost(arm: Arm, parts, *, checkpointing: bool = False, prefix_skipped: bool = False) -> float:
+    """One step of ``arm`` in full-step equivalents (estimated FLOPs over a full fine-tuning step's)."""
+    costs = flop_costs(parts.parameter_counts())
+    return step_cost(costs, _setup_for(arm, parts, checkpointing, prefix_skipped)) / step_cost(costs, full_finetuning())
+
+
+def _build(model, arm: Arm, seed: int, checkpointing: bool):
+    """A fresh copy of ``model`` set up for ``arm``: (model, handle or None, prefix cache or None)."""
+    seed_everything(seed)
+    work = copy.deepcopy(model)
+    parts = discover(work)
+    if arm.boundary is not None and not 0 <= arm.boundary <= parts.num_layers:
+        raise ValueError(f"arm {arm.name!r}: boundary {arm.boundary} is outside [0, {parts.num_layers}]")
+    for p in work.parameters():
+        p.requires_grad_(True)
+    if arm.lora:
+        import peft
+
+        from freezekern.integrations.peft import block_linear_names, layers_to_transform
+
+        if arm.boundary is None:
+            raise ValueError(f"arm {arm.name!r}: LoRA needs a boundary (0 for every block)")
+        kwargs = {**DEFAULT_LORA, "target_modules": block_linear_names(work), **(arm.lora_kwargs or {})}
+        config = peft.LoraConfig(layers_to_transform=layers_to_transform(arm.boundary, parts.num_layers),
+                                 layers_pattern=parts.blocks_path.rsplit(".", 1)[-1], **kwargs)
+        work = peft.get_peft_model(work, config)
+    if checkpointing:
+        enable_checkpointing(work)
+    handle = cache = None
+    if arm.boundary is not None:
+        handle = apply(work, arm.boundary, train_head=False if arm.lora else arm.train_head)
+        if arm.prefix_cache:
+            from freezekern.prefix_cache import PrefixCache
+
+            cache = PrefixCache(max_bytes=8 << 30).attach(handle)
+    elif arm.prefix_cache:
+        raise ValueError(f"arm {arm.name!r}: the prefix cache needs a boundary")
+    work.train()
+    return work, handle, cache
+
+
+def _order(num_batches: int, seed: int):
+    """Batch indices, epoch after epoch, each epoch a fresh seeded permutation."""
+    epoch = 0
+    while True:
+        order = list(range(num_batches))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        yield from order
+        epoch += 1
+
+
+def train_arm(
+    model,
+    arm: Arm,
+    train_batches: Sequence[dict],
+    eval_sets: dict[str, Sequence[dict]],
+    *,
+    budget_steps: float | None = None,
+    budget_seconds: float | None = None,
+    checkpoints: Sequence[float] = DEFAULT_CHECKPOINTS,
+    seed: int = 0,
+    checkpointing: bool = False,
+    evaluate_fn: Callable | None = None,
+    progress: bool = True,
+) -> ArmResult:
+    """Train a copy of ``model`` as ``arm`` until the budget is spent; evaluate at each checkpoint.
+
+    ``budget_steps``: full-step equivalents of estimated FLOPs; or
+    ``budget_seconds``: measured training seconds (one of the two).
+    ``checkpoints``: increasing fractions of the budget in (0, 1].
+    ``evaluate_fn(model, batches) -> dict`` with at least ``"loss"`` (default:
+    the token-weighted next-token loss). ``model`` is not changed.
+    """
+    from tqdm.auto import tqdm
+
+    if (budget_steps is None) == (budget_seconds is None):
+        raise ValueError("give exactly one of budget_steps and budget_seconds")
+    budget = float(budget_steps if budget_steps is not None else budget_seconds)
+    if not budget > 0:
+        raise ValueError(f"the budget must be positive, got {budget}")
+    checkpoints = sorted(float(c) for c in checkpoints)
+    if not checkpoints or checkpoints[0] <= 0 or checkpoints[-1] > 1:
+        raise ValueError(f"checkpoints must be fractions in (0, 1], got {checkpoints}")
+    if not train_batches:
+        raise ValueError("no training batches")
+    evaluate_fn = evaluate_fn or (lambda m, b: {"loss": evaluate(m, b)})
+    parts = discover(model)
+    cost_miss = arm_step_cost(arm, parts, checkpointing=checkpointing)
+    cost_hit = arm_step_cost(arm, parts, checkpointing=checkpointing, prefix_skipped=True) \
+        if arm.prefix_cache else cost_miss
+    if budget_steps is not None and budget_steps < cost_miss:
+        raise ValueError(f"arm {arm.name!r}: the budget ({budget_steps:g} full-step equivalents) is smaller than "
+                         f"one of its steps ({cost_miss:.3f})")
+    work, handle, cache = _build(model, arm, seed, checkpointing)
+    device = device_of(work)
+    params = trainable_parameters(work)
+    optimizer = torch.optim.AdamW(params, lr=arm.lr, weight_decay=0.0)
+    result = ArmResult(arm=arm, seed=seed, step_cost=cost_miss, trainable_params=sum(p.numel() for p in params))
+    order = _order(len(train_batches), seed)
+    flops = seconds = 0.0
+    pending = list(checkpoints)
+    unit = "full steps" if budget_steps is not None else "s"
+    bar = tqdm(total=round(budget, 2), desc=f"{arm.name} (lr {arm.lr:g}, seed {seed})", unit=unit,
+               disable=not progress, leave=False, file=sys.stderr,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} {unit} [{elapsed}<{remaining}]")
+    try:
+        while pending:
+            spent = flops if budget_steps is not None else seconds
+            hits_before = handle.stats["served"] if handle is not None else 0
+            next_cost = cost_hit if cache is not None and result.steps >= len(train_batches) else cost_miss
+            if budget_steps is not None and spent + next_cost > budget * (1 + 1e-9):
+                break
+            batch = to_device(train_batches[next(order)], device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            loss = work(**batch, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - start
+            served = handle is not None and handle.stats["served"] > hits_before
+            flops += cost_hit if served else cost_miss
+            result.steps += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"arm {arm.name!r} (lr {arm.lr:g}): the training loss became {value} "
+                                         f"at step {result.steps}; lower the learning rate")
+            result.train_loss_last = value
+            now = flops if budget_steps is not None else seconds
+            bar.update(round(min(now, budget), 2) - bar.n)
+            while pending and now >= pending[0] * budget * (1 - 1e-9):
+                result.rows.append(_checkpoint(work, eval_sets, evaluate_fn, pending.pop(0), result.steps,
+                                               flops, seconds))
+        for fraction in pending:  # the budget ran out between checkpoints: the last ones get the final state
+            result.rows.append(_checkpoint(work, eval_sets, evaluate_fn, fraction, result.steps, flops, seconds))
+    finally:
+        bar.close()
+        if cache is not None:
+            result.cache = cache.stats()
+            cache.detach()
+        if handle is not None and handle.active:
+            handle.remove()
+        del work, optimizer
+    return result
+
+
+def _checkpoint(model, eval_sets, evaluate_fn, fraction, steps, flops, seconds) -> dict:
+    row = {"fraction": fraction, "steps": steps, "flops": flops, "seconds": seconds}
+    for name, batches in eval_sets.items():
+        for metric, value in evaluate_fn(model, batches).items():
+            row[f"{name}_{metric}"] = value
+    return row
+
+
+@dataclass
+class CompareResult:
+    """Every arm's curve, the starting point and the recommendation (plain data, JSON-ready)."""
+
+    results: list[ArmResult]
+    baseline: dict
+    budget_steps: float | None
+    budget_seconds: float | None
+    tolerance: float
+    recommended: str | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"results": [r.to_dict() for r in self.results], "baseline": self.baseline,
+                "budget_steps": self.budget_steps, "budget_seconds": self.budget_seconds,
+                "tolerance": self.tolerance, "recommended": self.recommended, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompareResult:
+        data = dict(data)
+        data["results"] = [ArmResult.from_dict(r) for r in data["results"]]
+        return cls(**data)
+
+
+def recommend(results: Sequence[ArmResult], tolerance: float, metric: str = "heldout_loss") -> tuple[str, str]:
+    """The cheapest arm whose final ``metric`` is within ``tolerance`` (relative) of the best arm's.
+
+    Cheapest: lowest estimated step cost (the most blocks frozen); ties by name.
+    """
+    finals = {r.arm.name: r.rows[-1][metric] for r in results if r.rows}
+    if not finals:
+        raise ValueError("no arm finished a checkpoint")
+    best_name = min(finals, key=finals.get)
+    best = finals[best_name]
+    within = [r for r in results if r.rows and finals[r.arm.name] <= best + tolerance * abs(best)]
+    chosen = min(within, key=lambda r: (r.step_cost, r.arm.name))
+    if chosen.arm.name == best_name:
+        reason = f"{best_name} reached the lowest {metric} ({best:.4f})"
+    else:
+        reason = (f"{chosen.arm.name} ({finals[chosen.arm.name]:.4f}) is within {tolerance:.0%} of the best, "
+                  f"{best_name} ({best:.4f}), at {chosen.step_cost:.0%} of a full step's FLOPs per step")
+    return chosen.arm.name, reason
+
+
+def compare(
+    model,
+    train_batches: Sequence[dict],
+    heldout_batches: Sequence[dict],
+    arms: Sequence[Arm],
+    *,
+    budget_steps: float | None = None,
+    budget_seconds: float | None = None,
+    checkpoints: Sequence[float] = DEFAULT_CHECKPOINTS,
+    seed: int = 0,
+    tolerance: float = 0.02,
+    checkpointing: bool = False,
+    done: dict[str, ArmResult] | None = None,
+    on_result: Callable[[ArmResult], None] | None = None,
+    progress: bool = True,
+) -> CompareResult:
+    """Train every arm at equal compute and recommend the cheapest within ``tolerance`` of the best.
+
+    ``done``: results already computed (by ``Arm.key()``), reused instead of
+    retrained (resuming); ``on_result`` is called with each new result.
+    """
+    if not arms:
+        raise ValueError("compare needs at least one arm")
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must be unique, got {names}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must lie in [0, 1), got {tolerance}")
+    parts = discover(model)
+    if budget_steps is not None:
+        too_small = [a.name for a in arms if arm_step_cost(a, parts, checkpointing=checkpointing) > budget_steps]
+        if too_small:
+            raise ValueError(f"the budget of {budget_steps:g} full-step equivalents is smaller than one step of "
+                             f"{', '.join(too_small)}: raise the budget")
+    baseline = {"heldout_loss": evaluate(model, heldout_batches)}
+    done = dict(done or {})
+    results = []
+    for index, arm in enumerate(arms):
+        key = f"{arm.key()}|seed={seed}"
+        if key in done:
+            result = dataclasses.replace(done[key], arm=arm)
+        else:
+            if progress:
+                print(f"[{index + 1}/{len(arms)}] {arm.name}", file=sys.stderr, flush=True)
+            result = train_arm(model, arm, train_batches, {"heldout": heldout_batches}, budget_steps=budget_steps,
+                               budget_seconds=budget_seconds, checkpoints=checkpoints, seed=seed,
+                               checkpointing=checkpointing, progress=progress)
+            if on_result is not None:
+                on_result(result)
+        results.append(result)
+    name, reason = recommend(results, tolerance)
+    return CompareResult(results=results, baseline=baseline, budget_steps=budget_steps,
+                         budget_seconds=budget_seconds, tolerance=tolerance, recommended=name, reason=reason)
+
+
+def probe_candidates(plan: FreezePlan) -> list[int]:
+    """The probe's candidates: the trace rule's boundary k*, k*/2 and 0 (every block trained), distinct."""
+    k = plan.boundary
+    return sorted({k, k // 2, 0}, reverse=True)
+
+
+def probe_plan(
+    model,
+    plan: FreezePlan,
+    train_batches: Sequence[dict],
+    holdout_batches: Sequence[dict],
+    *,
+    candidates: Sequence[int] | None = None,
+    budget_steps: float = 4.0,
+    lr: float = 1e-4,
+    tolerance: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+) -> FreezePlan:
+    """The ``probe`` policy: short equal-compute trials of a few boundaries; the plan of the winner.
+
+    Each candidate (default ``probe_candidates(plan)``) trains a copy of the
+    model for ``budget_steps`` full-step equivalents on ``train_batches`` and
+    is scored on ``holdout_batches`` (taken from the training data: a probe
+    never sees the user's validation or test data). At equal compute a lower
+    loss is a larger reduction per FLOP; the deepest candidate within
+    ``tolerance`` (relative) of the lowest loss wins. The returned plan is
+    ``plan`` with that boundary, policy "probe" and the figures in ``probe``.
+    """
+    from freezekern.policy import cost_model
+
+    candidates = sorted(set(candidates if candidates is not None else probe_candidates(plan)), reverse=True)
+    if not candidates:
+        raise ValueError("the probe needs at least one candidate boundary")
+    bad = [c for c in candidates if not 0 <= c < plan.num_layers]
+    if bad:
+        raise ValueError(f"probe candidates {bad} are outside [0, {plan.num_layers - 1}]")
+    arms = [Arm(f"k={k}", k, lr=lr, train_head=plan.train_head) for k in candidates]
+    outcome = compare(model, train_batches, holdout_batches, arms, budget_steps=budget_steps, checkpoints=(1.0,),
+                      seed=seed, tolerance=tolerance, progress=progress)
+    rows = [{"boundary": r.arm.boundary, "loss": r.rows[-1]["heldout_loss"], "steps": r.steps,
+             "step_cost": r.step_cost} for r in outcome.results]
+    best = min(row["loss"] for row in rows)
+    chosen = max(row["boundary"] for row in rows if row["loss"] <= best + tolerance * abs(best))
+    counts = discover(model).parameter_counts()
+    cost = cost_model(counts, plan.num_layers, chosen, plan.train_head, plan.train_final_norm)
+    others = [row["boundary"] for row in sorted(rows, key=lambda r: r["loss"]) if row["boundary"] != chosen]
+    rule = (f"probe: {len(rows)} boundaries trained {budget_steps:g} full-step equivalents each; k={chosen} is the "
+            f"deepest within {tolerance:.0%} of the lowest held-out loss ({best:.4f}); the trace rule proposed "
+            f"k={plan.boundary}")
+    return dataclasses.replace(
+        plan, policy="probe", boundary=chosen, rule=rule, runner_up=others[0] if others else None,
+        probe={"rows": rows, "budget_steps": budget_steps, "lr": lr, "tolerance": tolerance,
+               "baseline_loss": outcome.baseline["heldout_loss"], "trace_policy": plan.policy,
+               "trace_boundary": plan.boundary, "spent_full_steps": sum(r.steps * r.step_cost
+                                                                        for r in outcome.results)},
+        **cost,
+    )
+
+
+def format_table(result: CompareResult, metric: str = "heldout_loss") -> str:
+    """Held-out loss of every arm at each checkpoint, with step cost and the recommendation marked."""
+    fractions = [row["fraction"] for row in result.results[0].rows] if result.results else []
+    unit = "full steps" if result.budget_steps is not None else "s"
+    budget = result.budget_steps if result.budget_steps is not None else result.budget_seconds
+    head = f"{'arm':<22}{'step cost':>10}{'steps':>7}" + "".join(f"{f * budget:>10.4g}" for f in fractions)
+    lines = [f"held-out loss at equal compute (budget {budget:g} {unit}; before training: "
+             f"{result.baseline['heldout_loss']:.4f})", head + f"  ({unit})"]
+    for r in result.results:
+        mark = "  <- recommended" if r.arm.name == result.recommended else ""
+        values = "".join(f"{row[metric]:>10.4f}" for row in r.rows)
+        lines.append(f"{r.arm.name:<22}{r.step_cost:>10.2f}{r.steps:>7}{values}{mark}")
+    if result.reason:
+        lines.append(f"recommended: {result.recommended}: {result.reason}")
+    return "\n".join(lines)
