@@ -47,11 +47,37 @@ class Task:
     notes: list[str] = field(default_factory=list)
     label_ids: list[int] | None = None  # classify: the label words' token ids
 
+    def __post_init__(self):
+        # padding columns cost compute and carry no loss: cut them; evaluation rows are grouped by length
+        for name in ("train", "calibration", "probe_holdout"):
+            setattr(self, name, trim_padding(getattr(self, name)))
+        self.calibration_subsets = [trim_padding(b) for b in self.calibration_subsets]
+        for name in ("validation", "test"):
+            setattr(self, name, by_length(getattr(self, name), 2 * self.batch_size))
+
     def evaluate(self, model, batches) -> dict:
         metrics = {"loss": evaluate(model, batches)}
         if self.label_ids is not None:
             metrics["accuracy"] = label_accuracy(model, batches, self.label_ids)
         return metrics
+
+
+def trim_padding(batches: list[dict]) -> list[dict]:
+    """Each batch cut after its last attended position (padding columns carry no loss, only cost)."""
+    out = []
+    for batch in batches:
+        length = int(batch["attention_mask"].sum(1).max())
+        out.append({k: v[:, :length] for k, v in batch.items()})
+    return out
+
+
+def by_length(batches: list[dict], batch_size: int) -> list[dict]:
+    """The rows of ``batches`` regrouped by attended length (for evaluation), then trimmed."""
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
+    rows.sort(key=lambda r: int(r["attention_mask"].sum()))
+    grouped = [{k: torch.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+               for i in range(0, len(rows), batch_size)]
+    return trim_padding(grouped)
 
 
 def chatterbot_root() -> Path:
@@ -172,8 +198,8 @@ def classify_task(tokenizer, seq_len, batch_size, train_tokens, eval_tokens, cal
     return Task(
         name="classify", seq_len=seq_len, batch_size=batch_size,
         train=make_batches(tokenizer, splits["train"], num_tokens=many, seed=1, **sizes),
-        validation=make_batches(tokenizer, splits["validation"], num_tokens=many, seed=0, **sizes),
-        test=make_batches(tokenizer, splits["test"], num_tokens=many, seed=0, **sizes),
+        validation=make_batches(tokenizer, splits["validation"], num_tokens=eval_tokens, seed=0, **sizes),
+        test=make_batches(tokenizer, splits["test"], num_tokens=eval_tokens, seed=0, **sizes),
         calibration=make_batches(tokenizer, calib, num_tokens=calib_tokens, seed=2, **sizes),
         calibration_subsets=[make_batches(tokenizer, t, num_tokens=many, seed=3, **sizes) for t in thirds],
         probe_holdout=make_batches(tokenizer, calib, num_tokens=many, seed=4, **sizes),
