@@ -192,12 +192,54 @@ def _largest_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-def _norm_beside(model: nn.Module, blocks_path: str) -> str | None:
-    parent_path = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
+def _is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__ or isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
+
+
+def _norm_after(model: nn.Module, blocks_path: str) -> str | None:
+    """The final norm: the first norm module that runs after the last block (None if none does).
+
+    Found by a forward probe on two tokens (hooks record the call order), so
+    neither registration order (OPT registers ``final_layer_norm`` before its
+    layers) nor a norm before the blocks (BLOOM's ``word_embeddings_layernorm``)
+    can mislead it. If the probe cannot run, the first norm registered after
+    the block list beside it.
+    """
+    blocks = model.get_submodule(blocks_path)
+    norms = {id(m): name for name, m in model.named_modules() if _is_norm(m) and not name.startswith(blocks_path + ".")}
+    order: list[str] = []
+    done = {"blocks": False}
+
+    def after_block(module, args, output):
+        done["blocks"] = True
+
+    def after_norm(module, args, output):
+        if done["blocks"]:
+            order.append(norms[id(module)])
+
+    handles = [blocks[-1].register_forward_hook(after_block)]
+    handles += [m.register_forward_hook(after_norm) for m in model.modules() if id(m) in norms]
+    was_training = model.training
+    try:
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 2, dtype=torch.long, device=device))
+        if done["blocks"]:
+            return order[0] if order else None
+    except Exception:  # noqa: BLE001 - any failure falls back to registration order
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    parent_path, _, blocks_name = blocks_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
+    seen_blocks = False
     for name, child in parent.named_children():
-        kind_name = type(child).__name__
-        if "Norm" in kind_name or isinstance(child, nn.LayerNorm):
+        if name == blocks_name:
+            seen_blocks = True
+        elif seen_blocks and _is_norm(child):
             return f"{parent_path}.{name}" if parent_path else name
     return None
 
@@ -224,7 +266,13 @@ def discover(
     Overrides are dotted paths relative to ``model`` (e.g. ``layers="transformer.h"``);
     ``final_norm=None`` reads latent spaces without a norm.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} (model_type={model_type!r}) is an encoder-decoder model; freezekern traces and "
+            "cuts decoder-only causal LMs (AutoModelForCausalLM) and does not support encoder-decoder models yet"
+        )
     spec = ARCHITECTURES.get(model_type)
     notes: list[str] = []
 
@@ -259,7 +307,12 @@ def discover(
         raise ValueError(f"LM head '{lm_head}' has no [V, D] weight")
 
     if final_norm is _UNSET:
-        final_norm = spec.final_norm if spec is not None else _norm_beside(model, blocks_path)
+        final_norm = spec.final_norm if spec is not None else _norm_after(model, blocks_path)
+        if final_norm is None:
+            notes.append(f"no norm follows '{blocks_path}': latent spaces are read without a final norm "
+                         "(pass final_norm='path' if the model has one elsewhere)")
+        elif spec is None:
+            notes.append(f"final norm found structurally at '{final_norm}'")
     norm_module = get_submodule(model, final_norm) if final_norm else None
     if final_norm and norm_module is None:
         notes.append(f"'{final_norm}' is None on this model: latent spaces are read without a final norm")
@@ -272,7 +325,6 @@ def discover(
         )
     input_embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = input_embeddings is not None and input_embeddings.weight is head_module.weight
-    config = getattr(model, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
     if softcap:
         notes.append("final logit softcapping is not applied by the logit-lens metric")

@@ -150,32 +150,42 @@ def load_default_model(dtype="float32", device=None):
 
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                 "gpt2", "gpt_neox", "opt")
+                 "gpt2", "gpt_neox", "opt", "falcon", "bloom", "mpt")
+
+
+def _settable(config_class, key: str) -> bool:
+    attr = getattr(config_class, key, None)
+    return not (isinstance(attr, property) and attr.fset is None)
 
 
 def tiny_model(model_type: str = "llama", *, num_layers: int = 4, hidden: int = 64, vocab: int = 257,
                seed: int = 0, tie: bool | None = None, dtype=torch.float32):
-    """A randomly initialised causal LM of a given family, built locally (no download)."""
+    """A randomly initialised causal LM of a given family, built locally (no download).
+
+    Every family in ``TINY_FAMILIES`` runs a forward and a training step.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type)
+    default = AutoConfig.for_model(model_type)
     heads = 4
     sizes = {
         "hidden_size": hidden, "num_hidden_layers": num_layers, "num_attention_heads": heads,
         "num_key_value_heads": 2, "intermediate_size": 2 * hidden, "vocab_size": vocab,
-        "n_embd": hidden, "n_layer": num_layers, "n_head": heads, "ffn_dim": 2 * hidden,
-        "word_embed_proj_dim": hidden, "head_dim": hidden // heads, "max_position_embeddings": 512,
-        "n_positions": 512, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-        "sliding_window": None, "attn_implementation": "eager",
+        "n_embd": hidden, "n_layer": num_layers, "n_head": heads, "n_heads": heads, "d_model": hidden,
+        "ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden, "head_dim": hidden // heads,
+        "max_position_embeddings": 512, "n_positions": 512, "max_seq_len": 512, "pad_token_id": 0,
+        "bos_token_id": 1, "eos_token_id": 2,
     }
-    for key, value in sizes.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout", "dropout"):
-        if hasattr(config, key):
-            setattr(config, key, 0.0)
+    dropouts = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout", "dropout",
+                "emb_pdrop")
+    kwargs = {k: v for k, v in sizes.items() if hasattr(default, k) and _settable(type(default), k)}
+    kwargs.update({k: 0.0 for k in dropouts if hasattr(default, k) and _settable(type(default), k)})
+    if getattr(default, "layer_types", None) is not None:  # per-layer attention kinds sized to num_layers
+        kwargs["layer_types"] = [default.layer_types[i % len(default.layer_types)] for i in range(num_layers)]
     if tie is not None:
-        config.tie_word_embeddings = tie
+        kwargs["tie_word_embeddings"] = tie
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config._name_or_path = f"tiny-{model_type}"

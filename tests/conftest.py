@@ -14,3 +14,16 @@ def default_model():
     from freezekern import load_default_model
 
     return load_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level tokenizer over tokens t0..t256 (ids 0..256; 0 pads, 2 ends a text), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(257)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2",
+                                   unk_token="t3")

@@ -13,8 +13,10 @@ EXPECTED = {
     "qwen3": ("model.layers", "rms"), "phi3": ("model.layers", "rms"), "gemma": ("model.layers", "rms"),
     "gemma2": ("model.layers", "rms"), "gemma3_text": ("model.layers", "rms"),
     "gpt2": ("transformer.h", "layer"), "gpt_neox": ("gpt_neox.layers", "layer"),
-    "opt": ("model.decoder.layers", "layer"),
+    "opt": ("model.decoder.layers", "layer"), "falcon": ("transformer.h", "layer"),
+    "bloom": ("transformer.h", "layer"), "mpt": ("transformer.blocks", "layer"),
 }
+STRUCTURAL_NORMS = {"falcon": "transformer.ln_f", "bloom": "transformer.ln_f", "mpt": "transformer.norm_f"}
 
 
 def test_every_family_has_an_expectation():
@@ -51,6 +53,31 @@ def test_generic_fallback_finds_the_same_blocks(family, monkeypatch):
     parts = discover(model)
     assert parts.blocks_path == EXPECTED[family][0]
     assert parts.final_norm is not None
+
+
+@pytest.mark.parametrize("family", sorted(STRUCTURAL_NORMS))
+def test_structural_fallback_takes_the_norm_after_the_blocks(family):
+    """BLOOM registers word_embeddings_layernorm (applied before block 1) ahead of the blocks; ln_f follows them."""
+    model = tiny_model(family, num_layers=3)
+    parts = discover(model)
+    assert parts.final_norm_path == STRUCTURAL_NORMS[family]
+    ids = torch.randint(3, 200, (2, 9))
+    seen = {}
+    hook = parts.blocks[-1].register_forward_hook(lambda m, a, out: seen.update(h=out[0] if isinstance(out, tuple)
+                                                                              else out))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    hook.remove()
+    want = parts.lm_head(parts.final_norm(seen["h"]))  # the chosen norm is what the model applies before its head
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_models_are_refused():
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=99)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        discover(AutoModelForSeq2SeqLM.from_config(config))
 
 
 def test_overrides_and_errors():

@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -99,7 +98,7 @@ def test_callback_analyses_applies_saves_and_resumes(tmp_path):
     trainer2 = _trainer(_model(), tmp_path, resumed, max_steps=4)
     trainer2.train(resume_from_checkpoint=True)
     assert not resumed.analysed
-    assert resumed.restored_from is not None and os.path.basename(resumed.restored_from) == "checkpoint-2"
+    assert resumed.restored_from == "trainer_state.json"
     assert resumed.handle.boundary == k
 
 
@@ -338,3 +337,54 @@ def test_finetune_with_lora_merges_back(tmp_path):
                            after["model.layers.5.self_attn.q_proj.weight"])
     assert report["freezekern"]["trainable_params"] < 0.2 * sum(p.numel() for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_resume_from_a_checkpoint_elsewhere_restores_the_plan_from_trainer_state(tmp_path):
+    import shutil
+
+    from freezekern.integrations import FreezeKernCallback
+    from freezekern.integrations.hf_trainer import PLAN_FILE
+
+    first = FreezeKernCallback(policy="fixed", policy_kwargs={"boundary": 4})
+    _trainer(_model(), tmp_path / "run", first, max_steps=2).train()
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", moved)
+    (moved / PLAN_FILE).unlink()  # only trainer_state.json carries the plan now
+    state = json.loads((moved / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["FreezeKernCallback"]["attributes"]["plan"]["boundary"] == 4
+    assert all(e["freezekern_boundary"] == 4 for e in state["log_history"] if "loss" in e)
+    again = FreezeKernCallback(policy="fixed", policy_kwargs={"boundary": 1})  # would analyse to k=1
+    trainer = _trainer(_model(), tmp_path / "other", again, max_steps=3)
+    trainer.train(resume_from_checkpoint=str(moved))
+    assert not again.analysed and again.restored_from == "trainer_state.json"
+    assert again.handle.boundary == 4
+    assert [e["freezekern_boundary"] for e in trainer.state.log_history if "loss" in e] == [4, 4, 4]
+
+
+def test_sft_trainer_with_peft_config_and_a_default_callback(tmp_path, tiny_tokenizer):
+    peft = pytest.importorskip("peft")
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from freezekern.integrations import FreezeKernCallback
+
+    gen = torch.Generator().manual_seed(0)
+    ds = Dataset.from_dict({"input_ids": torch.randint(4, 257, (8, 12), generator=gen).tolist()})
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                         use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
+                         dataloader_num_workers=0)
+    callback = FreezeKernCallback(policy="fixed", policy_kwargs={"boundary": 3})
+    trainer = trl.SFTTrainer(model=_model(), args=args, train_dataset=ds, processing_class=tiny_tokenizer,
+                             peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                             callbacks=[callback])
+    before = _snapshot(trainer.model)
+    with pytest.warns(UserWarning, match="lora_config_for_plan"):
+        trainer.train()
+    after = _snapshot(trainer.model)
+    lora = [n for n in before if "lora_" in n]
+    below = [n for n in lora if any(f"layers.{i}." in n for i in range(3))]
+    above = [n for n in lora if n not in below and "lora_B" in n]
+    assert below and above and callback.handle.boundary == 3
+    assert all(torch.equal(before[n], after[n]) for n in below)
+    assert all(not torch.equal(before[n], after[n]) for n in above)
+    assert len(callback.handle.frozen_adapter_names) == len(below)

@@ -19,7 +19,8 @@ Stages, per task: plans (traces on training-split calibration data, the
 probe, boundaries from three disjoint calibration subsets) -> learning-rate
 grid (seed 0, a quarter of the budget, validation) -> every arm at its chosen
 rate, seeds 0 and 1, the whole budget -> the sweep (seed 0, each boundary at
-the rate chosen for the nearest arm). Every finished run is one line of
+the rate chosen for the nearest arm; every arm's seed-0 run is a sweep point
+too). Every finished run is one line of
 OUT/runs.jsonl; a re-run skips what is there (resume), ``--shard i/n`` splits
 the runs over processes, ``--report-only`` rebuilds results.md.
 
@@ -44,18 +45,19 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from runs import load_runs, run_key  # noqa: E402
+from tasks import TASKS  # noqa: E402
+
 import freezekern as fk  # noqa: E402
 from freezekern.compare import Arm, probe_candidates, probe_plan, train_arm  # noqa: E402
 from freezekern.io import atomic_write_json  # noqa: E402
-from runs import load_runs, run_key  # noqa: E402
-from tasks import TASKS  # noqa: E402
 
 FULL_LRS = (3e-5, 1e-4, 3e-4)
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 CHECKPOINTS = (0.125, 0.25, 0.5, 0.75, 1.0)
 GRID_SHARE = 0.25
 SEEDS = (0, 1)
-SWEEP = (4, 8, 12, 18, 21, 27)
+SWEEP = (6, 9, 27)  # extra boundaries; the sweep also reads every arm's seed-0 run
 FLOPS_BUDGET = 0.6
 PROBE = {"budget_steps": 3.0, "lr": 1e-4}
 
@@ -72,7 +74,7 @@ class Settings:
     flops_budget: float = FLOPS_BUDGET
 
 
-FULL = Settings(budget=40.0, sizes={"code": (128, 4, 48 * 512, 3072, 2048), "chat": (96, 6, 48 * 576, 96 * 96, 2048),
+FULL = Settings(budget=24.0, sizes={"code": (128, 4, 48 * 512, 3072, 2048), "chat": (96, 6, 48 * 576, 96 * 96, 2048),
                                     "classify": (48, 8, 10 ** 9, 10 ** 9, 2048)},
                 full_lrs=FULL_LRS, lora_lrs=LORA_LRS, seeds=SEEDS, sweep=SWEEP, probe=PROBE)
 QUICK = Settings(budget=4.0, sizes={"code": (32, 2, 8 * 64, 128, 128), "chat": (64, 2, 8 * 128, 256, 256),
@@ -101,7 +103,7 @@ def make_plans(model, task, settings: Settings) -> dict:
     plans["probe"] = probe_plan(model, plans["salf/cosine"], task.calibration, task.probe_holdout,
                                 progress=False, **settings.probe)
     stability = {}
-    for i, subset in enumerate(task.calibration_subsets):
+    for subset in task.calibration_subsets:
         for metric in ("cosine", "logit_lens"):
             trace = fk.analyze(model, subset, metric=metric, progress=False)
             for policy in ("salf", "gain_share"):
@@ -208,8 +210,7 @@ def study_task(model, tokenizer, name: str, settings: Settings, out: Path, shard
     num_layers = fk.discover(model).num_layers
     arms = arms_for(plans, num_layers, settings)
     both = ("validation", "test")
-    grid = grid_configs(arms, settings) + grid_configs(
-        {f"sweep k={k}": Arm(f"sweep k={k}", k) for k in settings.sweep if k < num_layers}, settings)
+    grid = grid_configs(arms, settings)
     run_jobs(model, task, [(a, 0, GRID_SHARE * settings.budget, (0.5, 1.0), ("validation",)) for a in grid],
              runs, runs_path, shard, "grid")
     finals, seen = [], set()
@@ -222,11 +223,12 @@ def study_task(model, tokenizer, name: str, settings: Settings, out: Path, shard
     salf = dataclasses.replace(arms["salf/cosine"], lr=chosen_lr(runs, name, arms["salf/cosine"], settings))
     cached = dataclasses.replace(salf, name="salf/cosine + prefix cache", prefix_cache=True)
     finals += [(cached, seed, settings.budget, CHECKPOINTS, both) for seed in settings.seeds]
+    tuned_boundaries = {a.boundary: a for a in arms.values() if not a.lora and a.boundary is not None}
     for k in settings.sweep:
         if k >= num_layers:
             continue
-        arm = Arm(f"sweep k={k}", k)
-        tuned = dataclasses.replace(arm, lr=chosen_lr(runs, name, arm, settings))
+        nearest = tuned_boundaries[min(tuned_boundaries, key=lambda b: (abs(b - k), b))]
+        tuned = Arm(f"sweep k={k}", k, lr=chosen_lr(runs, name, nearest, settings))
         if (tuned.key(), 0) not in seen:
             seen.add((tuned.key(), 0))
             finals.append((tuned, 0, settings.budget, CHECKPOINTS, both))
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny random model, a budget of two steps (CI)")
     parser.add_argument("--out", default="docs/study")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--budget", type=float, default=None, help="full-step equivalents per run (default 40)")
+    parser.add_argument("--budget", type=float, default=None, help="full-step equivalents per run (default 24)")
     parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th run from i")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per process on 2 cores)")

@@ -22,21 +22,37 @@ When applied
 
 Checkpoints and resume
 ----------------------
-``on_save`` writes the plan (and the trace, when one was made) into every
-checkpoint directory as ``freezekern_plan.json`` / ``freezekern_trace.json``.
-On resume (``state.global_step > 0`` at ``on_train_begin``) the plan found in
-``<output_dir>/checkpoint-<step>`` (or ``args.resume_from_checkpoint``) wins:
-the same boundary is restored, nothing is re-analysed.
+The callback is an ``ExportableState``: its plan is part of the callback
+state the Trainer writes into every checkpoint's ``trainer_state.json``
+(``stateful_callbacks``), wherever the checkpoint lives. On resume
+(``state.global_step > 0`` at ``on_train_begin``) that plan wins: the same
+boundary is restored and nothing is re-analysed, whatever
+``restore_callback_states_from_checkpoint`` says. ``on_save`` also writes
+``freezekern_plan.json`` / ``freezekern_trace.json`` into each checkpoint
+folder, and checkpoints made without the state are still read from there
+(``args.resume_from_checkpoint``, then ``<output_dir>/checkpoint-<step>``).
+
+PEFT adapters made by the trainer
+---------------------------------
+TRL's ``SFTTrainer(peft_config=...)`` builds adapters on every block before
+the callback can plan. By default (``frozen_adapters=None``) the adapters
+below the boundary are frozen (they could only train through a backward
+that the cut skips) with one warning that names
+``freezekern.integrations.peft.lora_config_for_plan`` for the next run;
+``frozen_adapters="refuse"`` raises instead.
 
 Progressive freezing
 --------------------
 ``reselect_every=N`` re-traces the most recent training batch every N steps
-(cheap with the cosine metric), re-plans with the same policy and moves the
+(a forward without the LM head; with the cosine metric the semantic basis
+of a frozen head is reused between traces), re-plans with the same policy and moves the
 boundary deeper only; parameters that become frozen lose their gradient and
 optimizer state. With torch.distributed, traces are merged across ranks and
 the minimum boundary is taken, so all ranks move together.
 
-The current boundary is added to the Trainer's logs as ``freezekern_boundary``.
+The current boundary is logged as ``freezekern_boundary``: in ``state.log_history``
+(so in ``trainer_state.json``) and in the ``logs`` that callbacks after this
+one see (reporting integrations registered before it do not).
 """
 
 from __future__ import annotations
@@ -44,10 +60,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from itertools import islice
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from freezekern.integrations.distributed import agree_on_boundary, agree_on_plan, is_distributed, merge_traces
 from freezekern.policy import FreezePlan
@@ -61,39 +79,51 @@ PLAN_FILE = "freezekern_plan.json"
 TRACE_FILE = "freezekern_trace.json"
 
 
-class FreezeKernCallback(TrainerCallback):
+class FreezeKernCallback(TrainerCallback, ExportableState):
     """Apply a freeze plan to the Trainer's model; analyse first when no plan is given.
 
-    ``policy``/``metric``/``budget`` are those of ``freezekern.plan`` /
+    ``policy``/``metric``/``trained_share`` are those of ``freezekern.plan`` /
     ``freezekern.analyze``; ``calibration_batches`` how many training batches
     to analyse; ``calibration_data`` optional batches to analyse at init
-    instead; ``reselect_every`` N for progressive freezing; ``train_head`` and
-    ``frozen_adapters`` go to ``freezekern.truncate.apply``; ``policy_kwargs``
-    (e.g. ``{"n_frozen": 3}`` for policy "fixed") to ``freezekern.plan``.
+    instead; ``reselect_every`` N for progressive freezing; ``train_head`` goes
+    to ``freezekern.apply``; ``frozen_adapters`` None (freeze adapters below
+    the boundary, with a warning), "freeze" (silently) or "refuse";
+    ``policy_kwargs`` (e.g. ``{"boundary": 3}`` for policy "fixed") to
+    ``freezekern.plan``. ``plan`` may be a FreezePlan or its dict form.
+    ``budget`` is the deprecated name of ``trained_share``.
     """
 
     def __init__(
         self,
-        plan: FreezePlan | None = None,
+        plan: FreezePlan | dict | None = None,
         policy: str = "salf",
         metric: str = "cosine",
-        budget: float | None = None,
+        trained_share: float | None = None,
         calibration_batches: int = 4,
         reselect_every: int | None = None,
         *,
         calibration_data=None,
         train_head: bool | None = None,
-        frozen_adapters: str = "refuse",
+        frozen_adapters: str | None = None,
         policy_kwargs: dict | None = None,
+        budget: float | None = None,
     ):
+        if budget is not None:
+            if trained_share is not None:
+                raise TypeError("pass trained_share only (budget is its deprecated name)")
+            warnings.warn("FreezeKernCallback(budget=) is deprecated: use trained_share=", DeprecationWarning,
+                          stacklevel=2)
+            trained_share = budget
         if reselect_every is not None and reselect_every < 1:
             raise ValueError(f"reselect_every must be a positive number of steps, got {reselect_every}")
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be at least 1, got {calibration_batches}")
-        self.plan = plan
+        if frozen_adapters not in (None, "freeze", "refuse"):
+            raise ValueError(f"frozen_adapters must be None, 'freeze' or 'refuse', got {frozen_adapters!r}")
+        self.plan = FreezePlan.from_dict(plan) if isinstance(plan, dict) else plan
         self.policy = policy
         self.metric = metric
-        self.budget = budget
+        self.trained_share = trained_share
         self.calibration_batches = calibration_batches
         self.reselect_every = reselect_every
         self.calibration_data = calibration_data
@@ -114,7 +144,7 @@ class FreezeKernCallback(TrainerCallback):
         kwargs = dict(self.policy_kwargs)
         if self.train_head is not None:
             kwargs.setdefault("train_head", self.train_head)
-        return make_plan(trace, self.policy, trained_share=self.budget, **kwargs)
+        return make_plan(trace, self.policy, trained_share=self.trained_share, **kwargs)
 
     def _analyse(self, model, batches) -> FreezePlan:
         trace = analyze(model, batches, self.metric, progress=False)
@@ -129,17 +159,42 @@ class FreezeKernCallback(TrainerCallback):
     def _apply(self, model, plan: FreezePlan) -> None:
         existing = self.handle if self.handle is not None and self.handle.active else active_handle(model)
         if existing is not None and existing.active:
-            if existing.boundary == plan.boundary:
+            if existing.boundary == plan.boundary and existing.cut == plan.cut:
                 self.handle, self.plan = existing, plan
                 return
             existing.remove()
-        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=self.frozen_adapters)
+        policy = "freeze" if self.frozen_adapters is None else self.frozen_adapters
+        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=policy)
         self.plan = plan
+        frozen = self.handle.frozen_adapter_names
+        if frozen and self.frozen_adapters is None:
+            warnings.warn(
+                f"freezekern froze {len(frozen)} PEFT adapter tensors below the boundary k={plan.boundary} (they would "
+                "only train through the backward the cut skips). Next time build the adapters above the boundary: "
+                "peft_config=freezekern.integrations.peft.lora_config_for_plan(plan, model=model, ...)",
+                UserWarning, stacklevel=3,
+            )
         logger.info("freezekern boundary: blocks 1..%d of %d frozen, backward through %d blocks\n%s",
                     plan.boundary, plan.num_layers, plan.num_layers - plan.boundary, plan)
 
-    @staticmethod
-    def _checkpoint_plan(args, state) -> tuple[FreezePlan | None, str | None]:
+    # -- ExportableState: the plan travels in every checkpoint's trainer_state.json ---------------
+    def state(self) -> dict:
+        return {
+            "args": {"policy": self.policy, "metric": self.metric, "trained_share": self.trained_share,
+                     "calibration_batches": self.calibration_batches, "reselect_every": self.reselect_every,
+                     "train_head": self.train_head, "frozen_adapters": self.frozen_adapters,
+                     "policy_kwargs": self.policy_kwargs},
+            "attributes": {"plan": self.plan.to_dict() if self.plan is not None else None,
+                           "moves": [list(m) for m in self.moves]},
+        }
+
+    def _checkpoint_plan(self, args, state) -> tuple[FreezePlan | None, str | None]:
+        """The plan of the checkpoint being resumed: trainer_state.json first, then the plan files."""
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        for entry in stored if isinstance(stored, list) else [stored]:
+            saved = (entry or {}).get("attributes", {}).get("plan")
+            if saved:
+                return FreezePlan.from_dict(saved), "trainer_state.json"
         candidates = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
         resume = getattr(args, "resume_from_checkpoint", None)
         if isinstance(resume, str):
@@ -179,19 +234,22 @@ class FreezeKernCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("FreezeKernCallback needs the Trainer's model")
         restored = None
+        if isinstance(self.plan, dict):  # restored by the Trainer from trainer_state.json
+            self.plan = FreezePlan.from_dict(self.plan)
+        self.moves = [tuple(m) for m in self.moves]
         if state.global_step > 0:
             restored, folder = self._checkpoint_plan(args, state)
             if restored is not None:
                 self.restored_from = folder
                 logger.info("freezekern: restoring boundary %d from %s", restored.boundary, folder)
             else:
-                logger.warning("freezekern: resumed at step %d but no %s was found in the checkpoint",
-                               state.global_step, PLAN_FILE)
+                logger.warning("freezekern: resumed at step %d but the checkpoint holds no freezekern plan",
+                               state.global_step)
         if restored is not None:
             current = self.handle if self.handle is not None and self.handle.active else active_handle(model)
             if current is not None and current.boundary == restored.boundary:
                 self.handle, self.plan = current, restored
-            elif current is not None and restored.boundary > current.boundary:
+            elif current is not None and current.cut and restored.cut and restored.boundary > current.boundary:
                 self._check_ddp_after_wrap(args, model, "freeze more parameters")
                 self.handle, self.plan = move_boundary(current, restored, optimizer=optimizer), restored
             else:
@@ -240,8 +298,13 @@ class FreezeKernCallback(TrainerCallback):
         logger.info("freezekern reselect at step %d: boundary %d -> %d", state.global_step, old_k, new_k)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.handle is not None and self.handle.active:
+        if self.handle is None or not self.handle.active:
+            return
+        if logs is not None:
             logs["freezekern_boundary"] = self.handle.boundary
+        # Trainer.log appended a copy of the logs to the history before calling on_log: record it there too
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["freezekern_boundary"] = self.handle.boundary
 
     def _write(self, folder: str) -> None:
         if self.plan is not None:
