@@ -51,8 +51,20 @@ def split_files(files: list[Path], heldout_fraction: float = 0.2) -> tuple[list[
     return files[cut:], files[:cut]
 
 
+MAX_REPLACED_SHARE = 0.01  # more undecodable bytes than this, and a file is not text
+
+
 def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+    """The file's text; refuses files that are not text (NUL bytes, or more than 1 % undecodable)."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{path} is not a text file (it holds NUL bytes); pass text, a folder of text files or JSONL")
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd")
+    if text and replaced > MAX_REPLACED_SHARE * len(text):
+        raise ValueError(f"{path} is not UTF-8 text ({replaced} of {len(text)} characters do not decode); "
+                         "pass text, a folder of text files or JSONL")
+    return text
 
 
 def read_examples(path) -> list[Example]:
@@ -60,6 +72,8 @@ def read_examples(path) -> list[Example]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist")
+    if not path.is_dir() and not path.is_file():
+        raise ValueError(f"data path {path} is neither a regular file nor a folder (a device or a pipe?)")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
@@ -67,20 +81,23 @@ def read_examples(path) -> list[Example]:
         return [Example(text=_read_text(p)) for p in files]
     if path.suffix.lower() == ".jsonl":
         examples = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                if "prompt" in record and "completion" in record:
-                    examples.append(Example(prompt=str(record["prompt"]), completion=str(record["completion"])))
-                elif "text" in record:
-                    examples.append(Example(text=str(record["text"])))
-                else:
-                    raise ValueError(f"{path}:{line_no}: a record needs 'text', or 'prompt' and 'completion'")
+        for line_no, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
+            if "prompt" in record and "completion" in record:
+                examples.append(Example(prompt=str(record["prompt"]), completion=str(record["completion"])))
+            elif "text" in record:
+                examples.append(Example(text=str(record["text"])))
+            else:
+                raise ValueError(f"{path}:{line_no}: a record needs 'text', or 'prompt' and 'completion'")
+        if not examples:
+            raise ValueError(f"{path} holds no records")
         return examples
     return [Example(text=_read_text(path))]
 

@@ -16,9 +16,13 @@ over (``report["resume"]`` says which). A finished full-fine-tuning
 comparison is kept in ``output_dir/compare_full.json`` and reused.
 
 Peak memory is CUDA's max_memory_allocated above the starting allocation on
-a GPU, and on CPU the peak resident set size above the starting RSS, sampled
-every 2 ms in a thread (freed heap pages are returned with malloc_trim
-first, where glibc has it).
+a GPU, and on CPU the peak resident set size above the starting RSS: the
+kernel's high-water mark (VmHWM, reset at the start) on Linux, after freed
+heap pages were returned with malloc_trim (``freezekern.profiling.PeakMemory``).
+
+Seeding: ``seed`` seeds Python, NumPy and torch before LoRA adapters are
+initialised and before training, so two identical runs give identical
+weights.
 """
 
 from __future__ import annotations
@@ -38,9 +42,17 @@ from pathlib import Path
 
 import torch
 
-from freezekern.io import atomic_write_text
-from freezekern.policy import FreezePlan
+from freezekern.io import atomic_write_json
+from freezekern.policy import PLAN_FILE, FreezePlan
 from freezekern.profiling import PeakMemory, release_memory
+from freezekern.training import (
+    device_of,
+    disable_checkpointing,
+    enable_checkpointing,
+    evaluate,
+    seed_everything,
+    to_device,
+)
 from freezekern.truncate import apply, trainable_parameters
 
 logger = logging.getLogger("freezekern.finetune")
@@ -48,8 +60,6 @@ logger = logging.getLogger("freezekern.finetune")
 CHECKPOINT = "checkpoint"
 COMPARE_FILE = "compare_full.json"
 REPORT_FILE = "report.json"
-PLAN_FILE = "freezekern_plan.json"
-IGNORE_INDEX = -100
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -60,68 +70,6 @@ def _say(message: str, progress: bool) -> None:
 
         tqdm.write(message, file=sys.stderr)
     logger.info(message)
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-
-
-def _counted_tokens(batch: dict) -> int:
-    labels = batch.get("labels", batch["input_ids"])
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def evaluate(model, batches, progress: bool = False) -> float:
-    """Token-weighted mean next-token loss over ``batches`` (no gradients, eval mode)."""
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                batch = _to(batch, device)
-                if "labels" not in batch:
-                    batch["labels"] = batch["input_ids"]
-                n = _counted_tokens(batch)
-                if n == 0:
-                    continue
-                total += float(model(**batch, use_cache=False).loss) * n
-                count += n
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("the held-out batches hold no counted token")
-    return total / count
-
-
-def _enable_checkpointing(model) -> None:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(target, "activation_checkpointing_enable"):
-        target.activation_checkpointing_enable()
-    elif hasattr(target, "gradient_checkpointing_enable"):
-        target.gradient_checkpointing_enable()
-    else:
-        raise ValueError(f"{type(target).__name__} does not support activation checkpointing")
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-
-
-def _disable_checkpointing(model) -> None:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(target, "activation_checkpointing_disable"):
-        target.activation_checkpointing_disable()
-    elif hasattr(target, "gradient_checkpointing_disable"):
-        target.gradient_checkpointing_disable()
-    if hasattr(target, "disable_input_require_grads"):
-        try:
-            target.disable_input_require_grads()
-        except AttributeError:
-            pass
 
 
 def _data_signature(batches) -> str:
@@ -172,7 +120,7 @@ def _find_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _mismatch(saved: dict, meta: dict) -> str | None:
-    for key in ("boundary", "fingerprint", "lora", "gradient_checkpointing", "lr", "data"):
+    for key in ("boundary", "fingerprint", "lora", "gradient_checkpointing", "lr", "data", "seed", "cut"):
         if saved.get(key) != meta.get(key):
             return f"{key} differs (checkpoint: {saved.get(key)!r}, now: {meta.get(key)!r})"
     return None
@@ -194,7 +142,7 @@ def _train(model, train_batches, steps: int, lr: float, *, label: str, progress:
     try:
         with PeakMemory(device) as memory:
             for step in range(start_step, steps):
-                batch = _to(train_batches[step % len(train_batches)], device)
+                batch = to_device(train_batches[step % len(train_batches)], device)
                 tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -272,6 +220,7 @@ def finetune(
     compare: str | None = None,
     save_every: int | None = None,
     lora_kwargs: dict | None = None,
+    seed: int = 0,
 ) -> dict:
     """Train ``model`` under ``plan`` for ``steps`` steps and report what it cost and gained.
 
@@ -284,7 +233,8 @@ def finetune(
     (same steps, batches, lr and checkpointing) and reports both. With
     ``output_dir``: checkpoints for resuming, ``model/`` (the trained model and
     tokenizer), ``freezekern_plan.json`` and ``report.json``. The model is
-    trained in place; the freeze is removed before returning.
+    trained in place; the freeze is removed before returning. ``seed`` seeds
+    LoRA initialisation and training (a resumed run restores its RNG state).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -295,20 +245,20 @@ def finetune(
     train_batches, eval_batches = list(train_batches), list(eval_batches)
     if not train_batches or not eval_batches:
         raise ValueError("finetune needs at least one training batch and one held-out batch")
-    device = _device_of(model)
+    device = device_of(model)
     output = Path(output_dir) if output_dir is not None else None
     from freezekern.adapters import discover
 
     fingerprint = discover(model).fingerprint()
     meta = {"boundary": plan.boundary, "fingerprint": fingerprint, "lora": bool(lora),
             "gradient_checkpointing": bool(gradient_checkpointing), "lr": lr, "steps": steps,
-            "data": _data_signature(train_batches)}
+            "data": _data_signature(train_batches), "seed": seed, "cut": plan.cut}
     report: dict = {
         "plan": {"policy": plan.policy, "metric": plan.metric, "boundary": plan.boundary,
                  "num_layers": plan.num_layers, "backward_fraction": plan.backward_fraction,
                  "step_flops_fraction": plan.step_flops_fraction, "train_head": plan.train_head},
         "setup": {"steps": steps, "lr": lr, "gradient_checkpointing": bool(gradient_checkpointing),
-                  "lora": bool(lora), "device": str(device),
+                  "lora": bool(lora), "device": str(device), "seed": seed,
                   "batch_shape": list(train_batches[0]["input_ids"].shape),
                   "train_batches": len(train_batches), "eval_batches": len(eval_batches)},
         "resume": {"resumed": False, "from_step": 0, "reason": "no output_dir" if output is None else None},
@@ -345,6 +295,7 @@ def finetune(
     # freezekern run
     flags = {id(p): p.requires_grad for p in model.parameters()}
     work = model
+    seed_everything(seed)
     if lora:
         import peft
 
@@ -354,8 +305,13 @@ def finetune(
         kwargs.update(lora_kwargs or {})
         work = peft.get_peft_model(model, lora_config_for_plan(plan, model=model, **kwargs))
     if gradient_checkpointing:
-        _enable_checkpointing(work)
+        enable_checkpointing(work)
     handle = apply(work, plan)
+    trainable = sum(p.numel() for p in trainable_parameters(work))
+    total = sum(p.numel() for p in work.parameters())
+    what = f"LoRA adapters on blocks {plan.boundary + 1}..{plan.num_layers}" if lora else \
+        ("every parameter" if not plan.cut else f"blocks {plan.boundary + 1}..{plan.num_layers}, norm, head as planned")
+    _say(f"training {trainable:,} of {total:,} parameters ({trainable / max(total, 1):.2%}: {what})", progress)
     try:
         optimizer = torch.optim.AdamW(trainable_parameters(work), lr=lr)
         history = {"loss": [], "step_s": [], "tokens": [], "eval_before": eval_before}
@@ -387,7 +343,7 @@ def finetune(
     finally:
         handle.remove()
         if gradient_checkpointing:
-            _disable_checkpointing(work)
+            disable_checkpointing(work)
     if lora:
         work = work.merge_and_unload()
     for p in work.parameters():  # LoRA froze the base weights: give the caller its flags back
@@ -408,14 +364,14 @@ def finetune(
             for p in baseline.parameters():
                 p.requires_grad_(True)
             if gradient_checkpointing:
-                _enable_checkpointing(baseline)
+                enable_checkpointing(baseline)
             full = _train(baseline, train_batches, steps, lr, label="full fine-tuning" +
                           (" +GC" if gradient_checkpointing else ""), progress=progress, device=device)
             report["full"] = _numbers(full, eval_before, evaluate(baseline, eval_batches), baseline)
             del baseline, original, full
             release_memory(device)
             if output is not None:
-                atomic_write_text(output / COMPARE_FILE, json.dumps({"meta": meta, "full": report["full"]}, indent=2))
+                atomic_write_json(output / COMPARE_FILE, {"meta": meta, "full": report["full"]})
         fk, fl = report["freezekern"], report["full"]
         report["comparison"] = {
             "step_time_ratio": _ratio(fk["step_time_s"], fl["step_time_s"]),
@@ -431,7 +387,7 @@ def finetune(
             tokenizer.save_pretrained(output / "model")
         plan.save(output / PLAN_FILE)
         report["saved"] = saved
-        atomic_write_text(output / REPORT_FILE, json.dumps(report, indent=2))
+        atomic_write_json(output / REPORT_FILE, report)
     return report
 
 

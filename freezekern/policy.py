@@ -22,7 +22,7 @@ Definitions follow docs/method.md (freezekern's documented reconstruction):
   fine-tuning: nothing frozen, no cut) for baselines.
 
 Every rule is invariant under D -> c D (c > 0) and D -> D + c. The probe
-rule, which trains, lives in ``freezekern.compare``. This module knows traces
+rule, which trains, lives in ``freezekern.trials``. This module knows traces
 and plain model summaries only.
 """
 
@@ -48,6 +48,7 @@ MAX_TRANSIENT_SHARE = 1.0 / 3.0
 MIN_MOVE_SHARE = 0.02
 FALLBACK_FROZEN_SHARE = 0.5
 DEFAULT_GAIN_SHARE = 0.9
+PLAN_FILE = "freezekern_plan.json"  # where a plan is saved beside a checkpoint or a trained model
 
 
 @dataclass
@@ -177,7 +178,7 @@ class FreezePlan(JsonRecord):
     (policy "none") means full fine-tuning: nothing is frozen, not even the
     embeddings. ``rule`` says in words why this boundary; ``runner_up`` is the
     next-best candidate at least two blocks away; ``probe`` holds the figures
-    of a probe (``freezekern.compare.probe_plan``) when one chose the boundary.
+    of a probe (``freezekern.trials.probe_plan``) when one chose the boundary.
     """
 
     policy: str
@@ -359,7 +360,7 @@ def plan(
     boundary = _renamed(boundary, n_frozen, "boundary", "n_frozen")
     frozen_share = _renamed(frozen_share, fraction, "frozen_share", "fraction")
     if policy == "probe":
-        raise ValueError("policy 'probe' trains candidate boundaries: use freezekern.compare.probe_plan(model, ...)")
+        raise ValueError("policy 'probe' trains candidate boundaries: use freezekern.probe_plan(model, plan, ...)")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if trained_share is not None and not (0.0 < trained_share <= 1.0):

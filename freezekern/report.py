@@ -10,6 +10,18 @@ from freezekern.policy import FreezePlan, ScalingFit
 from freezekern.trace import DeviationTrace
 
 
+def save_png(fig, path) -> None:
+    """Write a matplotlib figure to ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _plan_fit(plan: FreezePlan | None) -> ScalingFit | None:
     """The depth law the plan was chosen with (None for policies that fit none)."""
     return ScalingFit(**plan.fit) if plan is not None and plan.fit else None
@@ -68,10 +80,30 @@ def plot_trace(trace: DeviationTrace, plan: FreezePlan | None, path) -> Path:
                     va="top", color="tab:red")
     ax_dev.legend(loc="lower left")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
     return path
+
+
+def plot_compare(result, path) -> Path:
+    """Held-out loss against compute (full-step equivalents, and measured seconds) for every arm -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    base = result.baseline["heldout_loss"]
+    for r in result.results:
+        width = 2.6 if r.arm.name == result.recommended else 1.4
+        for ax, axis in zip(axes, ("flops", "seconds")):
+            xs = [0.0] + [row[axis] for row in r.rows]
+            ax.plot(xs, [base] + [row["heldout_loss"] for row in r.rows], "o-", linewidth=width,
+                    label=f"{r.arm.name} ({r.step_cost:.0%} step)")
+    axes[0].set_xlabel("compute spent (full fine-tuning steps, estimated FLOPs)")
+    axes[1].set_xlabel("training seconds (measured)")
+    axes[0].set_ylabel("held-out loss")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"equal-compute comparison; recommended: {result.recommended}")
+    fig.tight_layout()
+    save_png(fig, path)
+    return Path(path)

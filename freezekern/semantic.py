@@ -9,6 +9,8 @@ device.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 FP64_MAX_DIM = 4096
@@ -111,3 +113,31 @@ class SemanticBasis:
             raise ValueError("token ids must be non-negative")
         slots = self.index(ids)  # may grow the table: read it after
         return self._table.index_select(0, slots)
+
+
+_BASES: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its state, basis); dropped with the weight
+
+
+def _weight_state(weight: torch.Tensor) -> tuple:
+    """What changes when a head weight changes: storage, version counter, shape, and a strided sample."""
+    sample = float(weight.detach().reshape(-1)[::4099].double().sum())
+    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, str(weight.device), sample)
+
+
+def basis_for(head_weight: torch.Tensor, ridge: float | None = None) -> SemanticBasis:
+    """The SemanticBasis of ``head_weight``, reused while the weight is unchanged (a frozen head).
+
+    Traces repeated during training (``reselect_every``) then pay for the Gram
+    matrix, its factor and the solved rows once. Any in-place update (an
+    optimizer step bumps the version counter), a new storage or a changed
+    sample of the values builds a fresh basis.
+    """
+    state = (_weight_state(head_weight), ridge)
+    cached = _BASES.get(id(head_weight))
+    if cached is not None and cached[0]() is head_weight and cached[1] == state:
+        return cached[2]
+    basis = SemanticBasis(head_weight, ridge)
+    if cached is None or cached[0]() is not head_weight:
+        weakref.finalize(head_weight, _BASES.pop, id(head_weight), None)
+    _BASES[id(head_weight)] = (weakref.ref(head_weight), state, basis)
+    return basis

@@ -18,11 +18,11 @@ from torch import nn
 
 from freezekern import ops
 from freezekern.adapters import ModelParts, block_output_hidden, discover
+from freezekern.data import IGNORE_INDEX
 from freezekern.io import JsonRecord
-from freezekern.semantic import SemanticBasis
+from freezekern.semantic import basis_for
 
 METRICS = ("cosine", "logit_lens")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -119,7 +119,7 @@ class _SpaceReducer:
         self.impl = impl
         norm_kwargs = parts.norm_kwargs() if apply_final_norm else {"norm": None}
         if metric == "cosine":
-            self.basis = SemanticBasis(parts.head_weight, ridge)
+            self.basis = basis_for(parts.head_weight, ridge)
             self.op_kwargs = norm_kwargs
         else:
             self.basis = None

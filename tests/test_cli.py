@@ -49,7 +49,8 @@ def test_analyze_writes_plan_trace_and_plot(tiny_dir, text_file, tmp_path, capsy
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "/nonexistent/model"], "does not exist"),
-    (["--budget", "1.5"], "--budget must lie in (0, 1]"),
+    (["--trained-share", "1.5"], "--trained-share must lie in (0, 1]"),
+    (["--budget", "1.5"], "--trained-share must lie in (0, 1]"),
     (["--seq-len", "100000"], "exceeds the model's context"),
     (["--data", "/nonexistent.txt"], "data path /nonexistent.txt does not exist"),
 ])
@@ -123,3 +124,136 @@ def test_finetune_trains_above_the_boundary_and_resumes(tiny_dir, tmp_path, caps
     assert main(args) == 0  # a second run finds the finished work instead of training again
     again = json.loads((out / "report.json").read_text())
     assert again["resume"]["resumed"] and again["freezekern"]["steps_run"] == 0
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Any attempt to load a model fails the test: the error must come before that."""
+    import freezekern.cli as cli
+
+    def refuse(args):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+
+
+@pytest.mark.parametrize("command", ["analyze", "finetune", "compare"])
+def test_bad_output_paths_are_refused_before_loading(command, tmp_path, capsys, no_model_load, text_file):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out, message in ((a_file, "exists and is not a folder"), (a_file / "sub", "cannot be created")):
+        assert main([command, "--data", str(text_file), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--lr", "nan"], "--lr must be a number > 0"),
+    (["finetune", "--lr", "0"], "--lr must be a number > 0"),
+    (["finetune", "--lr=-1e-4"], "--lr must be a number > 0"),
+    (["finetune", "--steps", "0"], "--steps must be an integer > 0"),
+    (["compare", "--budget-steps", "0"], "--budget-steps must be a number > 0"),
+    (["compare", "--boundaries", "3,x"], "--boundaries takes"),
+    (["analyze", "--policy", "fixed"], "--policy fixed needs --freeze K"),
+    (["analyze", "--freeze", "3"], "--freeze K goes with --policy fixed"),
+    (["analyze", "--tokens", "0"], "--tokens must be an integer > 0"),
+    (["analyze", "--data", "/dev/urandom"], "neither a regular file nor a folder"),
+])
+def test_bad_values_are_refused_before_loading(argv, message, tmp_path, capsys, no_model_load):
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["noise.txt", "noise.bin"])
+def test_binary_data_is_refused_naming_the_file(name, tmp_path, capsys, no_model_load):
+    import os
+
+    noise = tmp_path / name
+    noise.write_bytes(os.urandom(1 << 16))
+    assert main(["analyze", "--data", str(noise), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(noise) in err and "not" in err and "text" in err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(bytes(range(128, 256)) * 64)  # no NUL, but nothing decodes as UTF-8
+    assert main(["analyze", "--data", str(latin), "--out", str(tmp_path / "o")]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_internal_errors_point_to_the_traceback(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
+    import freezekern
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(freezekern, "analyze", broken)
+    assert main(["analyze", "--model", str(tiny_dir), "--data", str(text_file), "--seq-len", "16",
+                 "--tokens", "64", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "internal error (RuntimeError): something inside broke" in err and "-v" in err
+    with pytest.raises(RuntimeError, match="inside broke"):
+        main(["-v", "analyze", "--model", str(tiny_dir), "--data", str(text_file), "--seq-len", "16",
+              "--tokens", "64", "--out", str(tmp_path / "o")])
+
+
+def test_analyze_json_path_flags_and_few_counted_tokens(tiny_dir, tmp_path, capsys):
+    records = tmp_path / "pairs.jsonl"
+    records.write_text("".join(json.dumps({"prompt": "q" * 12, "completion": "ab"}) + "\n" for _ in range(30)))
+    target = tmp_path / "explanation.json"
+    code = main(["analyze", "--model", str(tiny_dir), "--data", str(records), "--tokens", "512", "--seq-len", "16",
+                 "--json", str(target), "--plot", str(tmp_path / "p.png"), "--policy", "fixed", "--freeze", "2",
+                 "--train-head", "--no-train-final-norm"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "only completion tokens count" in captured.err
+    assert target.is_file() and (tmp_path / "explanation.trace.json").is_file()
+    assert not list(tmp_path.glob("extrace*"))
+    plan = fk.FreezePlan.load(target)
+    assert plan.train_head and not plan.train_final_norm and plan.boundary == 2
+    assert main(["analyze", "--model", str(tiny_dir), "--data", str(records), "--tokens", "64", "--seq-len", "16",
+                 "--json", str(target), "--no-train-head"]) == 0
+    assert not fk.FreezePlan.load(target).train_head
+
+
+def test_finetune_policy_none_trains_everything_and_lora_is_seeded(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(200)))
+    common = ["finetune", "--model", str(tiny_dir), "--data", str(corpus), "--steps", "2", "--tokens", "128",
+              "--seq-len", "32", "--eval-tokens", "128", "--lr", "1e-3"]
+    assert main([*common, "--policy", "none", "--out", str(tmp_path / "none")]) == 0
+    report = json.loads((tmp_path / "none" / "report.json").read_text())["freezekern"]
+    assert report["trainable_params"] == sum(p.numel() for p in fk.load_model(tiny_dir)[0].parameters())
+    capsys.readouterr()
+    losses = []
+    for run in ("a", "b"):
+        assert main([*common, "--lora", "--out", str(tmp_path / run), "--seed", "3"]) == 0
+        printed = capsys.readouterr()
+        report = json.loads((tmp_path / run / "report.json").read_text())["freezekern"]
+        assert f"training {report['trainable_params']:,} of" in printed.err and "LoRA adapters" in printed.err
+        losses.append(report["eval_loss_after"])
+    assert losses[0] == losses[1]
+
+
+def test_compare_recommends_resumes_and_refuses_bad_budgets(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(300)))
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_dir), "--data", str(corpus), "--seq-len", "32", "--tokens", "128",
+            "--train-tokens", "256", "--eval-tokens", "128", "--budget-steps", "2", "--boundaries", "3,1,full",
+            "--out", str(out), "--lr", "1e-3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "recommended:" in printed and "<- recommended" in printed
+    result = json.loads((out / "compare.json").read_text())
+    assert {r["arm"]["boundary"] for r in result["results"]} == {3, 1, None}
+    assert all(r["rows"][-1]["flops"] <= 2 + 1e-9 for r in result["results"])
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(args) == 0
+    assert "reusing 3 finished arm(s)" in capsys.readouterr().err
+    assert main([*args[:-4], "--budget-steps", "0.5", "--out", str(out / "small")]) == 2
+    assert "smaller than one step" in capsys.readouterr().err
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "abc"}) + "\n")
+    assert main(["compare", "--model", str(tiny_dir), "--data", str(one), "--out", str(out / "x")]) == 2
+    assert "too short to split" in capsys.readouterr().err
+    one.write_text(json.dumps({"prompt": "abc", "completion": "d"}) + "\n")
+    assert main(["compare", "--model", str(tiny_dir), "--data", str(one), "--out", str(out / "x")]) == 2
+    assert "at least two are needed" in capsys.readouterr().err

@@ -67,3 +67,18 @@ def test_empty_ids():
     basis = SemanticBasis(_head())
     assert basis.index(torch.empty(0, dtype=torch.long)).shape == (0,)
     assert basis.rows(torch.empty(0, dtype=torch.long)).shape == (0, 13)
+
+
+def test_basis_is_reused_while_the_head_is_unchanged():
+    from freezekern.semantic import basis_for
+
+    weight = torch.nn.Parameter(torch.randn(50, 8))
+    first = basis_for(weight)
+    assert basis_for(weight) is first
+    assert basis_for(weight, ridge=1e-3) is not first  # another ridge is another basis
+    with torch.no_grad():
+        weight.mul_(1.1)  # an optimizer step on a trained head
+    changed = basis_for(weight)
+    assert changed is not first and basis_for(weight) is changed
+    weight.data = torch.randn(50, 8)  # new storage
+    assert basis_for(weight) is not changed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from freezekern.compare import Arm
+from freezekern.trials import Arm
 
 
 def run_key(task: str, arm: Arm, seed: int, budget: float) -> str:

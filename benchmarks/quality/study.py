@@ -4,7 +4,7 @@ Every arm trains the built-in SmolLM2-135M-Instruct (fp32) under the same
 compute budget, counted in full-step equivalents of estimated training FLOPs
 (``freezekern.cost``: an arm whose step costs half a full fine-tuning step
 takes twice the steps), and is scored on validation and test data at common
-checkpoints of that budget (``freezekern.compare.train_arm``). Three tasks
+checkpoints of that budget (``freezekern.trials.train_arm``). Three tasks
 (``tasks.py``), each with disjoint train / validation / test splits: every
 choice (learning rate, the default policy) is made on validation, test is
 only reported.
@@ -49,8 +49,8 @@ from runs import load_runs, run_key  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 import freezekern as fk  # noqa: E402
-from freezekern.compare import Arm, probe_candidates, probe_plan, train_arm  # noqa: E402
 from freezekern.io import atomic_write_json  # noqa: E402
+from freezekern.trials import Arm, probe_candidates, probe_plan, train_arm  # noqa: E402
 
 FULL_LRS = (3e-5, 1e-4, 3e-4)
 LORA_LRS = (3e-4, 1e-3, 3e-3)

@@ -68,14 +68,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from freezekern.integrations.distributed import agree_on_boundary, agree_on_plan, is_distributed, merge_traces
-from freezekern.policy import FreezePlan
+from freezekern.policy import PLAN_FILE, FreezePlan
 from freezekern.policy import plan as make_plan
 from freezekern.trace import DeviationTrace, analyze
 from freezekern.truncate import FreezeHandle, active_handle, apply, move_boundary
 
 logger = logging.getLogger("freezekern.hf_trainer")
 
-PLAN_FILE = "freezekern_plan.json"
 TRACE_FILE = "freezekern_trace.json"
 
 

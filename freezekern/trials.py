@@ -9,9 +9,11 @@ FLOPs of one full fine-tuning step, so an arm whose step costs half as much
 takes twice the steps. ``budget_seconds`` counts measured training seconds
 instead (evaluation excluded).
 
-    result = freezekern.compare.compare(model, train_batches, heldout_batches,
-                                        [Arm("full", None), Arm("salf", plan.boundary)], budget_steps=20)
-    print(freezekern.compare.format_table(result))
+    result = freezekern.compare(model, train_batches, heldout_batches, plan=plan, budget_steps=20)
+    print(freezekern.trials.format_table(result))          # the plan's boundary, its runner-up, half, full
+
+    result = freezekern.trials.run_trials(model, train_batches, heldout_batches,
+                                          [Arm("full", None), Arm("k=12", 12, lr=3e-4)], budget_steps=20)
 
 Training: AdamW (no weight decay) at a constant learning rate, gradient
 norm clipped at 1, training batches cycled in a seeded order that changes
@@ -40,7 +42,7 @@ from freezekern.policy import FreezePlan
 from freezekern.training import device_of, enable_checkpointing, evaluate, seed_everything, to_device
 from freezekern.truncate import apply, trainable_parameters
 
-logger = logging.getLogger("freezekern.compare")
+logger = logging.getLogger("freezekern.trials")
 
 DEFAULT_CHECKPOINTS = (0.125, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
@@ -318,7 +320,7 @@ def recommend(results: Sequence[ArmResult], tolerance: float, metric: str = "hel
     return chosen.arm.name, reason
 
 
-def compare(
+def run_trials(
     model,
     train_batches: Sequence[dict],
     heldout_batches: Sequence[dict],
@@ -373,6 +375,63 @@ def compare(
                          budget_seconds=budget_seconds, tolerance=tolerance, recommended=name, reason=reason)
 
 
+def arms_for(plan: FreezePlan | None, boundaries="auto", *, num_layers: int | None = None, lora: bool = False,
+             lr: float | None = None) -> list[Arm]:
+    """The arms ``compare`` trains.
+
+    ``boundaries="auto"``: the plan's boundary, its runner-up, freeze half and
+    full fine-tuning; or a list of boundaries (ints; None or "full" for full
+    fine-tuning). ``lora``: LoRA above each boundary instead (full fine-tuning
+    becomes LoRA on every block). ``lr``: every arm's learning rate (default
+    1e-4, LoRA 1e-3).
+    """
+    num_layers = num_layers if num_layers is not None else plan.num_layers
+    if boundaries == "auto":
+        if plan is None:
+            raise ValueError("boundaries='auto' needs a plan (freezekern.plan(trace))")
+        chosen = [(f"{plan.policy} (k={plan.boundary})", plan.boundary)]
+        if plan.runner_up is not None:
+            chosen.append((f"runner-up (k={plan.runner_up})", plan.runner_up))
+        chosen += [(f"freeze half (k={num_layers // 2})", num_layers // 2), ("full fine-tuning", None)]
+    else:
+        chosen = [("full fine-tuning", None) if k in (None, "full") else (f"k={int(k)}", int(k)) for k in boundaries]
+    arms, seen = [], set()
+    for name, k in chosen:
+        if k is not None and not 0 <= k < num_layers:
+            raise ValueError(f"boundary {k} is outside [0, {num_layers - 1}] (at least one block must train)")
+        if lora:
+            k = 0 if k is None else k
+            name = "LoRA on every block" if name == "full fine-tuning" else f"LoRA above {name}"
+        if (k, lora) in seen:
+            continue
+        seen.add((k, lora))
+        arms.append(Arm(name, k, lr=lr if lr is not None else (1e-3 if lora else 1e-4), lora=lora))
+    return arms
+
+
+def compare(
+    model,
+    train_batches: Sequence[dict],
+    heldout_batches: Sequence[dict],
+    *,
+    plan: FreezePlan | None = None,
+    boundaries="auto",
+    lora: bool = False,
+    lr: float | None = None,
+    **trial_kwargs,
+) -> CompareResult:
+    """The cost-benefit curve of a few boundaries on the user's data, at equal compute.
+
+    Trains the arms of ``arms_for(plan, boundaries, lora=, lr=)`` with
+    ``run_trials`` (``budget_steps`` or ``budget_seconds``, ``checkpoints``,
+    ``tolerance``, ``seed``, ``done``/``on_result`` for resuming) and
+    recommends the cheapest arm within ``tolerance`` of the best final
+    held-out loss.
+    """
+    arms = arms_for(plan, boundaries, num_layers=discover(model).num_layers, lora=lora, lr=lr)
+    return run_trials(model, train_batches, heldout_batches, arms, **trial_kwargs)
+
+
 def probe_candidates(plan: FreezePlan) -> list[int]:
     """The probe's candidates: the trace rule's boundary k*, k*/2 and 0 (every block trained), distinct."""
     k = plan.boundary
@@ -411,7 +470,7 @@ def probe_plan(
     if bad:
         raise ValueError(f"probe candidates {bad} are outside [0, {plan.num_layers - 1}]")
     arms = [Arm(f"k={k}", k, lr=lr, train_head=plan.train_head) for k in candidates]
-    outcome = compare(model, train_batches, holdout_batches, arms, budget_steps=budget_steps, checkpoints=(1.0,),
+    outcome = run_trials(model, train_batches, holdout_batches, arms, budget_steps=budget_steps, checkpoints=(1.0,),
                       seed=seed, tolerance=tolerance, progress=progress)
     rows = [{"boundary": r.arm.boundary, "loss": r.rows[-1]["heldout_loss"], "steps": r.steps,
              "step_cost": r.step_cost} for r in outcome.results]
