@@ -35,11 +35,8 @@ asserted about time.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 import statistics
-import threading
 import time
 
 import pytest
@@ -47,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from freezekern.ops import native, reference, triton_deviation
+from freezekern.profiling import PeakMemory
 
 BIG = os.environ.get("FREEZEKERN_BENCH_BIG") == "1"
 VOCAB = 49152
@@ -82,54 +80,11 @@ def _times(fn, device: str, reps: int, warmup: int = 1) -> list[float]:
     return out
 
 
-class _PeakRSS:
-    """Peak resident set size above the start, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.0005):
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak = 0
-
-    def __enter__(self):
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self._start = self._proc.memory_info().rss
-        self._max = self._start
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self._max = max(self._max, self._proc.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self._max, self._proc.memory_info().rss) - self._start
-
-
 def _peak_bytes(fn, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    """Peak extra memory of ``fn()``: the CUDA allocator's, or the process's peak RSS (``PeakMemory``)."""
+    with PeakMemory(device) as memory:
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    try:
-        with _PeakRSS() as peak:
-            fn()
-        return peak.peak
-    except ImportError:
-        return -1
+    return memory.peak_bytes
 
 
 # ---------------------------------------------------------------- ceilings (measured in this run)

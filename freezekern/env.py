@@ -44,5 +44,10 @@ def env_report() -> dict[str, str]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for op in ("cosine_deviation", "logit_lens_deviation"):
-            report[f"auto {op} on {device}"] = resolve_impl(op, "auto", torch.device(device))
+            choices = {str(d).removeprefix("torch."): resolve_impl(op, "auto", torch.device(device), d)
+                       for d in (torch.float32, torch.bfloat16, torch.float16)}
+            if len(set(choices.values())) == 1:
+                report[f"auto {op} on {device}"] = next(iter(choices.values()))
+            else:
+                report[f"auto {op} on {device}"] = ", ".join(f"{d}: {c}" for d, c in choices.items())
     return report

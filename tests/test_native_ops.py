@@ -529,7 +529,14 @@ def test_broken_extension_warns_once_with_reason(monkeypatch):
     assert len(record) == 1
     assert state.broken and not state.loaded
     assert "rebuild" in state.reason and "undefined symbol" in state.reason
-    assert not native.has_op("cosine_deviation", "cpu") or native._STATE is not state
+    assert not state.kernels and state.module is None  # nothing of a broken build is offered
+    monkeypatch.setattr(native, "_STATE", state)
+    assert not native.has_op("cosine_deviation", "cpu") and "undefined symbol" in native.unavailable_reason("cpu")
+    from freezekern.ops import dispatch
+
+    assert dispatch.resolve_impl("cosine_deviation", "auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="undefined symbol"):
+        dispatch.resolve_impl("cosine_deviation", "native", torch.device("cpu"))
 
 
 def test_info_describes_build():

@@ -480,3 +480,66 @@ def test_move_boundary_deeper_keeps_exact_gradients(setup):
     _assert_same_grads(model, reference, _step(model, batch), _step(reference, batch))
     optimizer.step()  # the newly frozen parameters have no gradient: AdamW skips them
     assert all(p not in optimizer.state for p in moving)
+
+
+def test_move_boundary_checks_before_it_changes_anything():
+    model = _model("llama")
+    handle = apply(model, 3)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    other = _model("llama")
+    other.model.layers = other.model.layers[:4]
+    foreign = make_plan(discover(other).summary(), "fixed", boundary=3)
+    for bad, error in ((L + 1, ValueError), (2, ValueError), (foreign, ValueError), ("4", TypeError)):
+        with pytest.raises(error):
+            move_boundary(handle, bad)
+        assert handle.active and active_handle(model) is handle
+        assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    full = make_plan(discover(model).summary(), "none")
+    with pytest.raises(ValueError, match="full-fine-tuning plan"):
+        move_boundary(handle, full)
+    assert handle.active
+
+
+def test_move_boundary_restores_the_old_cut_when_applying_fails(monkeypatch):
+    import freezekern.truncate as truncate
+
+    model = _model("llama")
+    handle = apply(model, 2)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    real_wrap = truncate._wrap_forward
+    calls = {"n": 0}
+
+    def failing_wrap(h, module, state):
+        calls["n"] += 1
+        if calls["n"] == 3:  # part-way through applying the new boundary
+            raise RuntimeError("wrapper failed")
+        return real_wrap(h, module, state)
+
+    monkeypatch.setattr(truncate, "_wrap_forward", failing_wrap)
+    with pytest.raises(RuntimeError, match="wrapper failed"):
+        move_boundary(handle, 4)
+    monkeypatch.setattr(truncate, "_wrap_forward", real_wrap)
+    restored = active_handle(model)
+    assert restored is not None and restored.active and restored.boundary == 2
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    batch = _batch(1)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    assert all(p.grad is None for p in model.model.layers[1].parameters())
+    assert all(p.grad is not None for p in model.model.layers[2].parameters())
+
+
+def test_a_full_finetuning_plan_freezes_nothing():
+    model = _model("llama", tie=True)
+    before = [p.requires_grad for p in model.parameters()]
+    handle = apply(model, make_plan(discover(model).summary(), "none"))
+    assert not handle.cut and handle.boundary == 0 and all(p.requires_grad for p in model.parameters())
+    assert model.model.embed_tokens.__dict__.get("forward") is None  # no forward was replaced
+    model.train()
+    model(**_batch(2), use_cache=False).loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    handle.remove()
+    assert [p.requires_grad for p in model.parameters()] == before
+    zero = apply(model, 0)  # a bare k = 0 is not full fine-tuning: the embeddings and the tied head freeze
+    assert zero.cut and not model.model.embed_tokens.weight.requires_grad
+    zero.remove()

@@ -65,7 +65,7 @@ def _lens_cases():
                 "signature": {
                     "x_ptr": PTR[x], "stride_xn": "i32", "stride_xd": "i32", "w_ptr": PTR[w], "stride_wv": "i32",
                     "stride_wd": "i32", "b_ptr": "*fp32", "t_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                    "N": "i32", "D": "i32", "V": "i32", "V_PER_SPLIT": "i32", "ignore_index": "i32",
+                    "N": "i32", "D": "i32", "V": "i32", "V_PER_SPLIT": "i32", "ignore_index": "i32", "N_BIN": "i32",
                 },
                 "num_warps": config.num_warps, "num_stages": config.num_stages,
             }

@@ -1,10 +1,14 @@
 """One entry point per op; ``impl`` picks the backend.
 
-impl="auto" picks, in order: native CUDA or Triton for CUDA tensors, the
-native C++ CPU kernel for CPU tensors when the extension is built, else the
-PyTorch reference. "torch", "triton" and "native" force a backend; a forced
-backend that is unavailable raises, while "auto" falls back (with one warning
-for a broken extension, see ``native.py``).
+impl="auto" picks per op, device and dtype, from ``AUTO_ORDER`` (the order
+measured fastest on an H100 and on the CPU, docs/benchmarks.md): on CUDA the
+16-bit logit lens goes to Triton's tensor-core kernel and the fp32 one to the
+native kernel (Triton's fp32 dot was slower than cuBLAS), the cosine to the
+native kernel, then Triton; on the CPU the native C++ kernel; the PyTorch
+reference when nothing else is available, and always for fp64. "torch",
+"triton" and "native" force a backend; a forced backend that is unavailable
+raises, while "auto" falls back (with one warning for a broken extension,
+see ``native.py``). ``freezekern env`` prints the choice for each case.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from freezekern.ops import reference
 logger = logging.getLogger("freezekern.ops")
 
 IMPLS = ("auto", "torch", "triton", "native")
+_16BIT = (torch.bfloat16, torch.float16)
+# (op, device type, dtype class) -> backends to try, in order; "torch" always works
+AUTO_ORDER = {
+    ("logit_lens_deviation", "cuda", "16bit"): ("triton", "native", "torch"),
+    ("logit_lens_deviation", "cuda", "fp32"): ("native", "torch"),
+    ("cosine_deviation", "cuda", "16bit"): ("native", "triton", "torch"),
+    ("cosine_deviation", "cuda", "fp32"): ("native", "triton", "torch"),
+}
 _logged_choice: set[tuple] = set()
 
 
@@ -58,21 +70,30 @@ def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | 
                 "(install triton; on CPU set TRITON_INTERPRET=1 before importing triton)"
             )
         return "triton"
-    if dtype == torch.float64:
-        return "torch"  # fp64 is the ground-truth path; the kernels compute in fp32
-    if device.type == "cuda":
-        # Measured on an H100 with an IEEE fp32 dot, Triton's fp32 logit lens was slower than cuBLAS
-        # through the chunked reference; its 3xTF32 dot is not yet measured, so fp32 takes the
-        # native kernel or the reference.
-        triton_ok = _triton_usable(device) and not (op == "logit_lens_deviation" and dtype == torch.float32)
-        chosen = "native" if _native_usable(op, device) else ("triton" if triton_ok else "torch")
-    else:
-        chosen = "native" if _native_usable(op, device) else "torch"
+    chosen = "torch"  # fp64 is the ground-truth path (the kernels compute in fp32); also the last resort
+    if dtype != torch.float64:
+        for backend in auto_order(op, device, dtype):
+            if backend == "torch" or (backend == "native" and _native_usable(op, device)) or \
+                    (backend == "triton" and _triton_usable(device)):
+                chosen = backend
+                break
     key = (op, device.type, dtype, chosen)
     if key not in _logged_choice:
         _logged_choice.add(key)
         logger.debug("impl='auto' for %s on %s (%s) -> %s", op, device.type, dtype or "any dtype", chosen)
     return chosen
+
+
+def auto_order(op: str, device: torch.device, dtype: torch.dtype | None) -> tuple[str, ...]:
+    """The backends ``impl="auto"`` tries for ``op`` on ``device`` with inputs of ``dtype``, in order.
+
+    A dtype of None (not known yet) counts as 16-bit on CUDA only for the cosine, whose order is the
+    same either way; for the logit lens it counts as fp32 (the order that never needs tensor cores).
+    """
+    if device.type != "cuda":
+        return ("native", "torch")
+    kind = "16bit" if dtype in _16BIT else "fp32"
+    return AUTO_ORDER.get((op, "cuda", kind), ("native", "triton", "torch"))
 
 
 def cosine_deviation(

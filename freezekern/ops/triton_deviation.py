@@ -283,7 +283,7 @@ def _lens_lse_kernel(
     w_ptr, stride_wv, stride_wd,
     b_ptr, t_ptr,
     m_ptr, s_ptr,
-    N, D, V, V_PER_SPLIT, ignore_index,
+    N, D, V, V_PER_SPLIT, ignore_index, N_BIN,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -369,10 +369,15 @@ def _kernels(interpret: bool):
     row = triton.jit(_row_kernel, do_not_specialize=["N", "M", "ignore_index"])
     lens = triton.autotune(
         configs=_lens_configs(interpret),
-        key=["D", "V"],
+        key=["D", "V", "V_PER_SPLIT", "N_BIN"],  # a small first call must not pin the config of large ones
         prune_configs_by={"early_config_prune": _prune_small},
-    )(triton.jit(_lens_lse_kernel, do_not_specialize=["N", "V", "V_PER_SPLIT", "ignore_index"]))
+    )(triton.jit(_lens_lse_kernel, do_not_specialize=["N", "V", "V_PER_SPLIT", "ignore_index", "N_BIN"]))
     return row, lens
+
+
+def _n_bin(n_rows: int) -> int:
+    """The autotune bin of a row count: powers of two up to 2^16 (the best tile depends on N)."""
+    return min(triton.next_power_of_2(max(int(n_rows), 1)), 1 << 16)
 
 
 def _prune_small(configs, named_args, **kwargs):
@@ -535,7 +540,7 @@ def logit_lens_deviation(
         weight, weight.stride(0), weight.stride(1),
         bias_c if bias_c is not None else x, target,
         part_max, part_sum,
-        n_rows, dim, vocab, per_split, int(ignore_index),
+        n_rows, dim, vocab, per_split, int(ignore_index), _n_bin(n_rows),
         HAS_BIAS=bias_c is not None, DOT_PRECISION=_dot_precision(h.device, mm_dtype),
         DOT_FP32=interpret and mm_dtype == torch.bfloat16,
     )
