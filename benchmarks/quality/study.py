@@ -233,7 +233,7 @@ def study_task(model, tokenizer, name: str, settings: Settings, out: Path, shard
             seen.add((tuned.key(), 0))
             finals.append((tuned, 0, settings.budget, CHECKPOINTS, both))
     run_jobs(model, task, finals, runs, runs_path, shard, "final")
-    meta = {"task": name, "seq_len": seq_len, "batch_size": batch_size, "notes": task.notes,
+    meta = {"task": name, "model": str(model.config._name_or_path), "seq_len": seq_len, "batch_size": batch_size, "notes": task.notes,
             "train_batches": len(task.train), "budget": settings.budget, "grid_share": GRID_SHARE,
             "full_lrs": settings.full_lrs, "lora_lrs": settings.lora_lrs, "seeds": settings.seeds,
             "checkpoints": CHECKPOINTS, "num_layers": num_layers,
