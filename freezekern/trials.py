@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -274,6 +275,77 @@ def _checkpoint(model, eval_sets, evaluate_fn, fraction, steps, flops, seconds) 
         for metric, value in evaluate_fn(model, batches).items():
             row[f"{name}_{metric}"] = value
     return row
+
+
+def time_steps(model, arms: Sequence[Arm], batches: Sequence[dict], *, rounds: int = 4,
+               reference: Arm | None = None, checkpointing: bool = False) -> dict:
+    """Seconds per training step of each arm, from steps paired with a reference arm on a noisy machine.
+
+    Each arm is built next to the reference (full fine-tuning by default) and
+    the two step in turn (A B B A ...) over ``rounds`` rounds after a warm-up
+    step each; the arm's time is the median paired ratio times the median of
+    all the reference's steps. A prefix-cache arm is timed on cache hits (its
+    batches were seen once before); its misses cost what the same arm
+    without the cache costs. Returns ``{"reference_s": t, "ratios": {key: r},
+    "seconds": {key: s}}`` keyed by ``Arm.key()``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    reference = reference or Arm("full", None)
+    device = device_of(model)
+    batches = [to_device(b, device) for b in batches]
+    ref_times, ratios = [], {}
+
+    def stepper(arm):
+        work, handle, cache = _build(model, arm, 0, checkpointing)
+        params = trainable_parameters(work)
+        optimizer = torch.optim.AdamW(params, lr=arm.lr, weight_decay=0.0)
+        position = [0]
+
+        def step() -> float:
+            batch = batches[position[0] % len(batches)]
+            position[0] += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            work(**batch, use_cache=False).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        return work, handle, cache, step
+
+    for arm in arms:
+        if arm.key() == reference.key() or arm.key() in ratios:
+            continue
+        built = [stepper(reference), stepper(arm)]
+        try:
+            warm = len(batches) if arm.prefix_cache else 1
+            for _ in range(warm):
+                built[1][3]()
+            built[0][3]()
+            pairs = []
+            for i in range(rounds):
+                order = (0, 1) if i % 2 == 0 else (1, 0)
+                times = {}
+                for j in order:
+                    times[j] = built[j][3]()
+                ref_times.append(times[0])
+                pairs.append(times[1] / times[0])
+            ratios[arm.key()] = statistics.median(pairs)
+        finally:
+            for _, handle, cache, _ in built:
+                if cache is not None:
+                    cache.detach()
+                if handle is not None and handle.active:
+                    handle.remove()
+            del built
+    reference_s = statistics.median(ref_times) if ref_times else None
+    ratios[reference.key()] = 1.0
+    return {"reference_s": reference_s, "ratios": ratios,
+            "seconds": {k: (r * reference_s if reference_s is not None else None) for k, r in ratios.items()}}
 
 
 @dataclass

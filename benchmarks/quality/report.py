@@ -83,6 +83,20 @@ def pareto(points: list[tuple[str, float, float]]) -> list[tuple[str, float, flo
 
 # -- one task -----------------------------------------------------------------------------------
 
+def _calibrate_seconds(record: dict, arm: Arm, timing: dict, pool: int) -> None:
+    """Each row's seconds as steps x the arm's paired step time (a cache arm's first epoch at its misses')."""
+    seconds = timing["seconds"]
+    own = seconds.get(arm.key())
+    if own is None:
+        return
+    miss = seconds.get(Arm(arm.name, arm.boundary, arm.lr, arm.lora, False, arm.train_head,
+                           arm.lora_kwargs).key(), own) if arm.prefix_cache else own
+    for row in record["rows"]:
+        first = min(row["steps"], pool)
+        row["measured_seconds"] = row["seconds"]
+        row["seconds"] = first * miss + (row["steps"] - first) * own
+
+
 class TaskView:
     """Everything the report says about one task."""
 
@@ -98,6 +112,12 @@ class TaskView:
         self.sweep = [(_arm(a), final_runs(runs, self.task, _arm(a), [0], self.budget)) for a in meta["sweep"]]
         self.baseline = self.plans["baseline"]
         self.classify = "accuracy" in self.baseline["validation"]
+        timing = out / f"timing_{self.task}.json"
+        self.timing = json.loads(timing.read_text()) if timing.is_file() else None
+        if self.timing is not None:  # the seconds axis from paired step times instead of loaded wall time
+            for name, arm in self.arms.items():
+                for record in self.records[name]:
+                    _calibrate_seconds(record, arm, self.timing, meta["train_batches"])
 
     def curve(self, name: str, split: str, metric: str = "loss", axis: str = "flops") -> list[tuple]:
         return mean_curve(self.records[name], f"{split}_{metric}", offset_of(name, self.plans), axis)
@@ -164,7 +184,8 @@ def plot_task(out: Path, view: TaskView) -> list[str]:
     axes[0].step([p[1] for p in front], [p[2] for p in front], where="post", color="black", alpha=0.35,
                  linewidth=4, label="Pareto front")
     axes[0].set_xlabel("training compute (full fine-tuning steps, estimated FLOPs; the probe's trials included)")
-    axes[1].set_xlabel("training seconds (measured; shared 2-core CPU, see the caveats)")
+    axes[1].set_xlabel("training seconds (steps x paired step time)" if view.timing else
+                       "training seconds (measured; shared 2-core CPU, see the caveats)")
     axes[0].set_ylabel("test loss")
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{view.task}: test loss at equal compute (mean over seeds)")
@@ -303,8 +324,10 @@ def write_report(out: Path) -> None:
         f"the budget, chosen by validation loss; then seeds {first['seeds']} at the chosen rate over the whole "
         "budget. The probe's own trials are charged to it (its curve starts at their cost). ± is half the range "
         "over seeds. Losses are mean next-token losses (nats) on the answer tokens (chat, classify) or every token "
-        "(code). Measured seconds come from two study processes sharing a 2-core machine with other work: the "
-        "seconds axis is indicative only; the FLOPs axis is exact by construction.", ""]
+        "(code). The seconds axis: where OUT/timing_<task>.json exists, each run's steps times its arm's step "
+        "time measured in steps paired with full fine-tuning (one process, alternating steps, so the machine's "
+        "load hits both alike); otherwise the wall time the run measured, from two study processes sharing a "
+        "2-core machine with other work (indicative only). The FLOPs axis is exact by construction.", ""]
     default, scores = choose_default(views)
     if scores:
         lines += ["## The default policy, chosen on validation data", "",

@@ -50,7 +50,7 @@ from tasks import TASKS  # noqa: E402
 
 import freezekern as fk  # noqa: E402
 from freezekern.io import atomic_write_json  # noqa: E402
-from freezekern.trials import Arm, probe_candidates, probe_plan, train_arm  # noqa: E402
+from freezekern.trials import Arm, probe_candidates, probe_plan, time_steps, train_arm  # noqa: E402
 
 FULL_LRS = (3e-5, 1e-4, 3e-4)
 LORA_LRS = (3e-4, 1e-3, 3e-3)
@@ -201,6 +201,23 @@ def run_jobs(model, task, jobs: list[tuple[Arm, int, float, tuple, tuple]], runs
         runs.update(load_runs(runs_path))
 
 
+def time_task(model, tokenizer, name: str, settings: Settings, out: Path, rounds: int = 3,
+              max_arms: int | None = None) -> None:
+    """Seconds per step of every final arm, paired with full fine-tuning (the report's seconds axis)."""
+    path = out / f"timing_{name}.json"
+    meta_path = out / f"study_{name}.json"
+    if path.is_file() or not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    seq_len, batch_size, train_tokens, eval_tokens, calib_tokens = settings.sizes[name]
+    task = TASKS[name](tokenizer, seq_len, batch_size, train_tokens, eval_tokens, calib_tokens)
+    arms = ([Arm(**a) for a in meta["arms"].values()] + [Arm(**a) for a in meta["sweep"]])[:max_arms]
+    log(f"[{name}] timing {len(arms)} arms, {rounds} paired steps each")
+    timing = time_steps(model, arms, task.train[:4], rounds=rounds)
+    atomic_write_json(path, {**timing, "rounds": rounds, "threads": torch.get_num_threads(),
+                             "device": str(next(model.parameters()).device)})
+
+
 def study_task(model, tokenizer, name: str, settings: Settings, out: Path, shard: tuple[int, int]) -> None:
     seq_len, batch_size, train_tokens, eval_tokens, calib_tokens = settings.sizes[name]
     task = TASKS[name](tokenizer, seq_len, batch_size, train_tokens, eval_tokens, calib_tokens)
@@ -254,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per process on 2 cores)")
     parser.add_argument("--report-only", action="store_true", help="rebuild results.md from OUT without training")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only time the finished tasks' arms in paired steps (OUT/timing_<task>.json)")
     args = parser.parse_args(argv)
     shard = tuple(int(x) for x in args.shard.split("/"))
     if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
@@ -276,7 +295,11 @@ def main(argv=None) -> int:
             model, tokenizer = fk.load_default_model()
         model.to(device)
         for name in args.tasks:
-            study_task(model, tokenizer, name, settings, out, shard)
+            if not args.timing_only:
+                study_task(model, tokenizer, name, settings, out, shard)
+            if shard[0] == 0:
+                time_task(model, tokenizer, name, settings, out, rounds=1 if args.quick else 3,
+                          max_arms=3 if args.quick else None)
     from report import write_report
 
     write_report(out)
