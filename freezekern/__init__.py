@@ -4,6 +4,7 @@ from freezekern.adapters import ModelParts, discover
 from freezekern.data import make_batches
 from freezekern.models import load_default_model, load_model, tiny_model
 from freezekern.policy import FreezePlan, plan
+from freezekern.profile import profile  # shadows the module: `from freezekern.profile import X` for the rest
 from freezekern.trace import DeviationTrace, analyze
 from freezekern.truncate import FreezeHandle, apply, trainable_parameters
 
@@ -21,6 +22,7 @@ __all__ = [
     "load_model",
     "make_batches",
     "plan",
+    "profile",
     "tiny_model",
     "trainable_parameters",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``freezekern analyze | finetune | bench | env``."""
+"""Command line: ``freezekern analyze | finetune | profile | export | bench | env``."""
 
 from __future__ import annotations
 
@@ -67,7 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list the benchmarks and run none")
 
     sub.add_parser("env", help="versions, devices and which kernels are available")
+    _add_profile_parser(sub)
     return parser
+
+
+def _add_profile_parser(sub) -> None:
+    profile = sub.add_parser("profile", help="measure where a training step's time goes, beside freezekern's cut")
+    _add_model_args(profile)
+    profile.add_argument("--gradient-checkpointing", action="store_true",
+                         help="Hugging Face activation checkpointing with enable_input_require_grads")
+    profile.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: non-reentrant)")
+    profile.add_argument("--lora", action="store_true", help="PEFT LoRA on the trained blocks (every linear)")
+    profile.add_argument("--lora-r", type=int, default=16)
+    frozen = profile.add_mutually_exclusive_group()
+    frozen.add_argument("--freeze", type=int, default=None,
+                        help="freeze the embeddings and blocks 1..K plainly (requires_grad_(False))")
+    frozen.add_argument("--plan", help="freeze plainly what this plan.json freezes")
+    profile.add_argument("--steps", type=int, default=4, help="measured steps per setup (at least 2; default 4)")
+    profile.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted (default 1)")
+    profile.add_argument("--layers", help="dotted path of the decoder block list when it is not found")
+    profile.add_argument("--no-compare", action="store_true", help="profile your setup only, without the cut")
+    profile.add_argument("--out", default="freezekern-profile", help="output folder (profile.json, profile.png)")
 
 
 def _device(name: str | None):
@@ -206,6 +226,15 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_profile(args) -> int:
+    from freezekern.profile import check_profile_args, profile_command
+
+    check_profile_args(args)
+    model, tokenizer = _load(args)
+    profile_command(args, model, tokenizer)
+    return 0
+
+
 def cmd_env(args) -> int:
     from freezekern.env import env_report
 
@@ -214,7 +243,8 @@ def cmd_env(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "finetune": cmd_finetune, "bench": cmd_bench, "env": cmd_env}
+COMMANDS = {"analyze": cmd_analyze, "finetune": cmd_finetune, "bench": cmd_bench, "env": cmd_env,
+            "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ profile):
 
     forward    embedding + sum_i block_forward[i] + head_forward + loss
     recompute  sum over checkpointed blocks the backward passes through of block_forward[i]
-    backward   head_input_grad               when anything below the head trains
+    backward   loss_backward                 (the loss's own backward; ``loss`` again when not given)
+             + head_input_grad               when anything below the head trains
              + head_weight_grad              when the head trains
              + block_input_grad[i]           for every block the gradient passes *through*
              + block_weight_grad[i]          for every block whose own weights train
@@ -52,6 +53,7 @@ class PartCosts:
     embedding_forward: float = 0.0
     embedding_grad: float = 0.0
     loss: float = 0.0
+    loss_backward: float | None = None  # the loss's backward; None: the same as its forward (``loss``)
 
     def __post_init__(self):
         n = len(self.block_forward)
@@ -113,7 +115,7 @@ def step_cost_parts(costs: PartCosts, setup: StepSetup) -> dict[str, float]:
     forward = costs.embedding_forward * (not setup.prefix_skipped) + sum(costs.block_forward[first_forward:])
     forward += costs.head_forward + costs.loss
     anything_below_head = floor < num_layers
-    backward = costs.loss
+    backward = costs.loss if costs.loss_backward is None else costs.loss_backward
     if anything_below_head:
         backward += costs.head_input_grad
     if setup.train_head:

@@ -1,0 +1,1211 @@
+"""Where a training step's time goes, block by block: the user's setup as it is, beside freezekern's cut.
+
+    report = freezekern.profile(model, batches)          # the model as the user set it up
+    print(freezekern.report.profile_table(report))
+    report.save("profile.json"); freezekern.report.plot_profile(report, "profile.png")
+
+``profile`` runs a few training steps (zero_grad, forward with labels,
+backward, AdamW) of the model exactly as it is given (its ``requires_grad``
+flags, gradient checkpointing, PEFT adapters, ``enable_input_require_grads``)
+and, alternating with them (A B B A ...), the same steps with freezekern's
+cut at the same boundary k (the number of leading blocks with nothing to
+train): ``freezekern.truncate.apply(model, k)``, removed again after each of
+its steps. The model's parameters, flags and gradients are restored at the
+end; nothing it does outlives the call.
+
+What is measured, with module and tensor hooks (``StepRecorder``), never inferred:
+
+* forward time of the embedding, every block, the final norm and the LM head
+  (forward pre-/post-hooks), and of the loss (the model's call after the head);
+* recomputation under activation checkpointing: the calls of a block's
+  direct children outside the block's own forward (checkpointing replays the
+  block's ``forward``, which calls its children again in the backward);
+* backward: the gradient reaching a part's output (a hook on that tensor) is
+  the start of the part's backward, which lasts until the next part's starts
+  (the engine runs one part after another, top down) or the backward ends.
+  A block is *reached* when its backward ran, i.e. a gradient arrived at its
+  output; its recomputation, measured separately, is taken out of its
+  backward time. Hooks on the input tensors tell whether a block passed a
+  gradient further down.
+
+Timing: wall time (``time.perf_counter``) on the CPU, CUDA events on a GPU
+(resolved after one synchronisation at the end of each step). Peak memory per
+step: ``freezekern.profiling.PeakMemory``.
+
+The analytic ideal is ``freezekern.cost.step_cost`` over per-part costs
+measured in isolation (``measure_part_costs``: each block's forward, its
+backward with and without its own parameters' gradients, the head's, the
+embedding's and the loss's), for the cut's setup: every forward, the
+recomputation of the checkpointed trained blocks, and the backward of the
+trained parts only. It omits the final norm, the optimizer and everything
+between parts, so it is a lower bound of a step with the same trainable
+parameters.
+
+With torch.distributed every rank profiles its own steps (the report names
+the rank); nothing here is collective.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from freezekern.adapters import ModelParts, block_output_hidden, discover
+from freezekern.cost import PartCosts, StepSetup, step_cost_parts
+from freezekern.io import JsonRecord
+from freezekern.profiling import PeakMemory
+from freezekern.training import BATCH_KEYS, device_of
+from freezekern.truncate import active_handle, apply
+
+logger = logging.getLogger("freezekern.profile")
+
+YOURS = "your setup"
+CUT = "freezekern cut"
+
+
+# -- clocks -----------------------------------------------------------------------------------
+
+class _Clock:
+    """Marks on a timeline: perf_counter floats on the CPU, CUDA events (in stream order) on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.kind = "cuda_events" if self.cuda else "wall"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def resolve(self, marks: list) -> list[float]:
+        """Seconds of each mark after the first one (synchronises the GPU first)."""
+        if not marks:
+            return []
+        if self.cuda:
+            torch.cuda.synchronize()
+            first = marks[0]
+            return [first.elapsed_time(m) / 1000.0 for m in marks]
+        first = marks[0]
+        return [m - first for m in marks]
+
+    def now(self) -> float:
+        """Wall time after the device finished its queued work (for isolated measurements)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+# -- the timeline of one step ------------------------------------------------------------------
+
+@dataclass
+class StepTiming:
+    """One step's measured times in seconds; per-part lists are indexed like ``StepRecorder.names``."""
+
+    step_s: float
+    forward_s: float
+    backward_s: float
+    loss_forward_s: float | None
+    loss_backward_s: float | None
+    part_forward: list[float]
+    part_recompute: list[float]
+    part_backward: list[float]
+    reached: list[bool]
+    input_grad: list[bool]
+    peak_memory_bytes: int | None = None
+
+
+def analyse_timeline(events: list[tuple[str, int, float]], num_parts: int, head: int | None) -> StepTiming:
+    """Turn the resolved events of one step into per-part forward, recompute and backward times.
+
+    ``events``: (kind, part index, seconds) in the order they were recorded
+    (see ``StepRecorder``); ``head``: the part index of the LM head (the loss
+    forward is the model call's time after the head returned).
+    """
+    forward = [0.0] * num_parts
+    recompute = [0.0] * num_parts
+    backward = [0.0] * num_parts
+    reached = [False] * num_parts
+    input_grad = [False] * num_parts
+    open_forward: list[list[float]] = [[] for _ in range(num_parts)]
+    child_depth = [0] * num_parts
+    child_start = [0.0] * num_parts
+    calls: list[list] = []  # [start, last head end] per open model call
+    forward_total = backward_total = 0.0
+    loss_forward = loss_backward = 0.0
+    loss_forward_seen = loss_backward_seen = False
+    step_start = step_end = None
+    segments: list[tuple[int, float]] | None = None  # (part or -1 for the loss, start) of the open pass
+    pass_start = 0.0
+    for kind, part, t in events:
+        if kind == "step_start":
+            step_start = t
+        elif kind == "step_end":
+            step_end = t
+        elif kind == "model_start":
+            calls.append([t, None])
+        elif kind == "model_end":
+            if calls:
+                start, head_end = calls.pop()
+                forward_total += t - start
+                if head_end is not None:
+                    loss_forward += t - head_end
+                    loss_forward_seen = True
+        elif kind == "fwd_start":
+            open_forward[part].append(t)
+        elif kind == "fwd_end":
+            if open_forward[part]:
+                forward[part] += t - open_forward[part].pop()
+                if part == head and calls:
+                    calls[-1][1] = t
+        elif kind == "child_start":
+            if not open_forward[part]:
+                if child_depth[part] == 0:
+                    child_start[part] = t
+                child_depth[part] += 1
+        elif kind == "child_end":
+            if not open_forward[part] and child_depth[part] > 0:
+                child_depth[part] -= 1
+                if child_depth[part] == 0:
+                    recompute[part] += t - child_start[part]
+        elif kind == "bwd_begin":
+            segments, pass_start = [(-1, t)], t
+        elif kind == "loss_grad":
+            loss_backward_seen = True
+        elif kind == "grad_out":
+            reached[part] = True
+            if segments is not None:
+                segments.append((part, t))
+        elif kind == "grad_in":
+            input_grad[part] = True
+        elif kind == "bwd_end" and segments is not None:
+            backward_total += t - pass_start
+            ends = [start for _, start in segments[1:]] + [t]
+            for (owner, start), end in zip(segments, ends):
+                if owner < 0:
+                    loss_backward += end - start
+                else:
+                    backward[owner] += end - start
+            segments = None
+    backward = [max(0.0, b - r) for b, r in zip(backward, recompute)]
+    step = (step_end - step_start) if step_start is not None and step_end is not None else math.nan
+    return StepTiming(step_s=step, forward_s=forward_total, backward_s=backward_total,
+                      loss_forward_s=loss_forward if loss_forward_seen else None,
+                      loss_backward_s=loss_backward if loss_backward_seen else None,
+                      part_forward=forward, part_recompute=recompute, part_backward=backward,
+                      reached=reached, input_grad=input_grad)
+
+
+def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _output_tensor(out) -> torch.Tensor | None:
+    if out is None:
+        return None
+    try:
+        return block_output_hidden(out)
+    except TypeError:
+        return None
+
+
+def _output_loss(out) -> torch.Tensor | None:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) \
+            and out[0].dim() == 0:
+        loss = out[0]
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding module (through a PEFT wrapper), or None."""
+    get = getattr(model, "get_input_embeddings", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+class StepRecorder:
+    """Hooks that time the parts of a model, one step at a time.
+
+    Parts, in ``names`` order: the input embedding, blocks 1..L, the final
+    norm and the LM head. ``install()`` registers the hooks (forward pre/post
+    hooks on every part and on each block's direct children, a hook on the
+    model call, post-accumulate hooks on the parameters that require grad now);
+    ``begin_step()`` / ``end_step()`` bracket one optimizer step (any number
+    of forwards and backwards in between, e.g. gradient accumulation or a
+    reference-model forward) and return its ``StepTiming``; ``remove()``
+    takes every hook away. Hooks record only between ``begin_step`` and
+    ``end_step``; tensor hooks never change a gradient.
+    """
+
+    def __init__(self, model: nn.Module, parts: ModelParts | None = None, device=None):
+        self.model = model
+        self.parts = parts or discover(model)
+        self.device = torch.device(device) if device is not None else device_of(model)
+        self.clock = _Clock(self.device)
+        L = self.parts.num_layers
+        self.names = ["embedding", *(f"block {i}" for i in range(1, L + 1)), "final norm", "lm_head"]
+        self.head_index = L + 2
+        self.norm_index = L + 1
+        self._modules: list[nn.Module | None] = [input_embedding(model), *self.parts.blocks,
+                                                  self.parts.final_norm, self.parts.lm_head]
+        self._handles: list = []
+        self._events: list[tuple[str, int, object]] = []
+        self.recording = False
+        self._pass_open = False
+        self.installed = False
+
+    @property
+    def hooked(self) -> list[bool]:
+        """Which parts exist and carry hooks."""
+        return [m is not None for m in self._modules]
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _mark(self, kind: str, part: int = -1) -> None:
+        if self.recording:
+            self._events.append((kind, part, self.clock.mark()))
+
+    def _backward_mark(self, kind: str, part: int = -1) -> None:
+        if not self.recording:
+            return
+        if not self._pass_open:
+            self._pass_open = True
+            self._events.append(("bwd_begin", -1, self.clock.mark()))
+            torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
+        self._events.append((kind, part, self.clock.mark()))
+
+    def _close_pass(self) -> None:
+        if self._pass_open:
+            self._pass_open = False
+            if self.recording:
+                self._events.append(("bwd_end", -1, self.clock.mark()))
+
+    def _tensor_hook(self, kind: str, part: int):
+        def hook(grad):
+            self._backward_mark(kind, part)
+
+        return hook
+
+    def _watch(self, tensor: torch.Tensor | None, kind: str, part: int) -> None:
+        if self.recording and torch.is_grad_enabled() and isinstance(tensor, torch.Tensor) \
+                and tensor.requires_grad:
+            tensor.register_hook(self._tensor_hook(kind, part))
+
+    def _part_hooks(self, index: int, module: nn.Module) -> None:
+        def before(mod, args):
+            self._mark("fwd_start", index)
+
+        def after(mod, args, kwargs, out):
+            self._mark("fwd_end", index)
+            if not self.recording:
+                return
+            self._watch(_output_tensor(out), "grad_out", index)
+            if index != 0:  # the embedding's input is token ids
+                self._watch(_hidden_input(args, kwargs), "grad_in", index)
+
+        self._handles.append(module.register_forward_pre_hook(before))
+        self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+
+    def _child_hooks(self, index: int, block: nn.Module) -> None:
+        def before(mod, args):
+            self._mark("child_start", index)
+
+        def after(mod, args, out):
+            self._mark("child_end", index)
+
+        for child in block.children():
+            self._handles.append(child.register_forward_pre_hook(before))
+            self._handles.append(child.register_forward_hook(after, always_call=True))
+
+    def _param_hooks(self) -> None:
+        owners: dict[int, set[int]] = {}
+        for index, module in enumerate(self._modules):
+            if module is None:
+                continue
+            for p in module.parameters():
+                owners.setdefault(id(p), set()).add(index)
+        for p in self.model.parameters():
+            if not p.requires_grad:
+                continue
+            parts = owners.get(id(p), set())
+            index = next(iter(parts)) if len(parts) == 1 else -1
+
+            def hook(param, index=index):
+                self._backward_mark("param", index)
+
+            self._handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def install(self) -> StepRecorder:
+        if self.installed:
+            return self
+        for index, module in enumerate(self._modules):
+            if module is not None:
+                self._part_hooks(index, module)
+        for i, block in enumerate(self.parts.blocks, start=1):
+            self._child_hooks(i, block)
+
+        def call_start(mod, args):
+            self._mark("model_start")
+
+        def call_end(mod, args, out):
+            self._mark("model_end")
+            if self.recording and torch.is_grad_enabled():
+                loss = _output_loss(out)
+                if loss is not None and loss.requires_grad:
+                    loss.register_hook(lambda grad: self._backward_mark("loss_grad"))
+
+        self._handles.append(self.model.register_forward_pre_hook(call_start))
+        self._handles.append(self.model.register_forward_hook(call_end, always_call=True))
+        self._param_hooks()
+        self.installed = True
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.recording = False
+        self.installed = False
+
+    # -- steps ------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self._events = []
+        self._pass_open = False
+        self.recording = True
+        self._mark("step_start")
+
+    def end_step(self) -> StepTiming:
+        self._mark("step_end")
+        self.recording = False
+        self._pass_open = False
+        events, self._events = self._events, []
+        seconds = self.clock.resolve([mark for _, _, mark in events])
+        resolved = [(kind, part, t) for (kind, part, _), t in zip(events, seconds)]
+        return analyse_timeline(resolved, len(self.names), self.head_index)
+
+
+# -- per-part costs in isolation -----------------------------------------------------------------
+
+@contextmanager
+def _uncheckpointed(block: nn.Module):
+    """The block without activation checkpointing (for isolated timing), restored afterwards."""
+    inner = getattr(block, "_checkpoint_wrapped_module", None)  # torch.distributed CheckpointWrapper
+    if inner is not None:
+        yield inner
+        return
+    if not getattr(block, "gradient_checkpointing", False):
+        yield block
+        return
+    had_own = "gradient_checkpointing" in block.__dict__
+    previous = block.__dict__.get("gradient_checkpointing")
+    block.gradient_checkpointing = False
+    try:
+        yield block
+    finally:
+        if had_own:
+            block.gradient_checkpointing = previous
+        else:
+            del block.__dict__["gradient_checkpointing"]
+
+
+class _Captured:
+    """The call arguments of one part with its hidden-state input taken out (to be filled in later)."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.in_args = bool(args) and isinstance(args[0], torch.Tensor)
+        self.hidden = args[0] if self.in_args else kwargs.get("hidden_states")
+        self.args = args[1:] if self.in_args else args
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or self.in_args}
+
+    def call(self, module: nn.Module, hidden: torch.Tensor):
+        if self.in_args:
+            return module(hidden, *self.args, **self.kwargs)
+        return module(*self.args, hidden_states=hidden, **self.kwargs)
+
+
+def _capture(model: nn.Module, parts: ModelParts, batch: dict) -> dict:
+    """One graph-free forward that records the inputs of the embedding, each block, the norm and the head."""
+    captured: dict = {}
+    hooks = []
+    embedding = input_embedding(model)
+
+    def keep(name, keep_hidden):
+        def hook(module, args, kwargs):
+            if name not in captured:
+                entry = _Captured(args, kwargs)
+                if not keep_hidden:
+                    entry.hidden = None
+                captured[name] = entry
+
+        return hook
+
+    try:
+        if embedding is not None:
+            hooks.append(embedding.register_forward_pre_hook(keep("embedding", True), with_kwargs=True))
+        for i, block in enumerate(parts.blocks):
+            hooks.append(block.register_forward_pre_hook(keep(i, i == 0), with_kwargs=True))
+        if parts.final_norm is not None:
+            hooks.append(parts.final_norm.register_forward_pre_hook(keep("norm", False), with_kwargs=True))
+        hooks.append(parts.lm_head.register_forward_pre_hook(keep("head", False), with_kwargs=True))
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    missing = [i + 1 for i in range(parts.num_layers) if i not in captured]
+    if missing or "head" not in captured or captured[0].hidden is None:
+        raise RuntimeError(
+            f"the forward of {type(model).__name__} did not call {'block(s) ' + str(missing) if missing else 'its LM head'}"
+            " through their module call with the hidden state as input; per-part costs cannot be measured"
+        )
+    return captured
+
+
+def _loss_function(model: nn.Module):
+    hf_loss = getattr(model, "loss_function", None)
+
+    def loss(logits, labels):
+        if callable(hf_loss):
+            return hf_loss(logits=logits, labels=labels, vocab_size=logits.shape[-1])
+        shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        return nn.functional.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    return loss
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _grad_costs(clock: _Clock, output: torch.Tensor, hidden: torch.Tensor | None, params: list) -> tuple[float, float]:
+    """(backward with the input and the module's own parameter gradients, with the parameter gradients only)."""
+    seed = torch.full_like(output, 1e-3)
+    wanted = ([hidden] if hidden is not None else []) + params
+    both = weights = 0.0
+    if wanted:
+        start = clock.now()
+        torch.autograd.grad(output, wanted, seed, retain_graph=True, allow_unused=True)
+        both = clock.now() - start
+    if params:
+        start = clock.now()
+        torch.autograd.grad(output, params, seed, retain_graph=True, allow_unused=True)
+        weights = clock.now() - start
+    return both, weights
+
+
+def measure_part_costs(model: nn.Module, batch: Mapping, *, parts: ModelParts | None = None,
+                       repeats: int = 3) -> PartCosts:
+    """Seconds per part of one step on ``batch``, each part timed alone (best of ``repeats``).
+
+    For every block: its forward (the faster of with and without autograd),
+    the backward that computes the gradient of its input and of its trainable
+    parameters (``both``) and the one for its trainable parameters only
+    (``weights``): ``block_weight_grad = weights`` and ``block_input_grad =
+    both - weights`` (a block without trainable parameters: ``both``), so that
+    ``freezekern.cost.step_cost`` prices a frozen block the backward passes
+    through, a trained one, and the lowest trained block under a cut each by
+    its own measurement. The same for the LM head (on the final norm's
+    output); the embedding's forward and, when it trains, its weight gradient;
+    the loss's forward and backward. Gradients are taken with
+    ``torch.autograd.grad`` (nothing is accumulated into ``.grad``), blocks run
+    without activation checkpointing, and the parameters' flags are the
+    model's own: a frozen part has no weight gradient to price.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    handle = active_handle(model)
+    if handle is not None and handle.active and handle.cut:
+        raise ValueError("a freeze plan is applied to this model: its frozen prefix runs graph-free and cannot be "
+                         "priced; measure the part costs before freezekern.apply (or after handle.remove())")
+    parts = parts or discover(model)
+    device = device_of(model)
+    clock = _Clock(device)
+    batch = _as_batch(batch, device)
+    captured = _capture(model, parts, batch)
+    best = min
+
+    embedding = input_embedding(model)
+    embedding_forward = embedding_grad = 0.0
+    if embedding is not None and "embedding" in captured:
+        entry = captured["embedding"]
+        args = ((entry.hidden,) + entry.args) if entry.in_args else entry.args
+        times, grads = [], []
+        params = _trainable(embedding)
+        for _ in range(repeats):
+            start = clock.now()
+            with torch.no_grad():
+                embedding(*args, **entry.kwargs)
+            times.append(clock.now() - start)
+            if params:
+                out = embedding(*args, **entry.kwargs)
+                start = clock.now()
+                torch.autograd.grad(out, params, torch.full_like(out, 1e-3), allow_unused=True)
+                grads.append(clock.now() - start)
+        embedding_forward = best(times)
+        embedding_grad = best(grads) if grads else 0.0
+
+    block_forward, block_input, block_weight = [], [], []
+    hidden = captured[0].hidden.detach()
+    for i, block in enumerate(parts.blocks):
+        entry = captured[i]
+        params = _trainable(block)
+        forwards, boths, weights = [], [], []
+        with _uncheckpointed(block) as runnable:
+            for _ in range(repeats):
+                start = clock.now()
+                with torch.no_grad():
+                    entry.call(runnable, hidden)
+                forwards.append(clock.now() - start)
+                x = hidden.detach().requires_grad_(True)
+                start = clock.now()
+                out = _output_tensor(entry.call(runnable, x))
+                forwards.append(clock.now() - start)
+                if out is None or out.grad_fn is None:
+                    raise RuntimeError(f"block {i + 1} ({type(block).__name__}) built no autograd graph in isolation; "
+                                       "its backward cannot be priced")
+                both, weight = _grad_costs(clock, out, x, params)
+                boths.append(both)
+                weights.append(weight)
+        block_forward.append(best(forwards))
+        weight = best(weights) if params else 0.0
+        block_weight.append(weight)
+        block_input.append(max(0.0, best(boths) - weight))
+        hidden = out.detach()
+        del out, x
+
+    if parts.final_norm is not None:
+        with torch.no_grad():
+            normed = captured["norm"].call(parts.final_norm, hidden) if "norm" in captured \
+                else parts.final_norm(hidden)
+    else:
+        normed = hidden
+    head_entry = captured["head"]
+    head_params = _trainable(parts.lm_head)
+    loss_fn = _loss_function(model)
+    labels = batch.get("labels", batch["input_ids"])
+    head_times, head_both, head_weight, loss_times, loss_grads = [], [], [], [], []
+    for _ in range(repeats):
+        start = clock.now()
+        with torch.no_grad():
+            head_entry.call(parts.lm_head, normed)
+        head_times.append(clock.now() - start)
+        x = normed.detach().requires_grad_(True)
+        start = clock.now()
+        logits = head_entry.call(parts.lm_head, x)
+        head_times.append(clock.now() - start)
+        both, weight = _grad_costs(clock, logits, x, head_params)
+        head_both.append(both)
+        head_weight.append(weight)
+        z = logits.detach().requires_grad_(True)
+        del logits, x
+        start = clock.now()
+        loss = loss_fn(z, labels)
+        loss_times.append(clock.now() - start)
+        start = clock.now()
+        torch.autograd.grad(loss, [z])
+        loss_grads.append(clock.now() - start)
+        del z, loss
+    weight = best(head_weight) if head_params else 0.0
+    return PartCosts(
+        block_forward=tuple(block_forward),
+        block_input_grad=tuple(block_input),
+        block_weight_grad=tuple(block_weight),
+        head_forward=best(head_times),
+        head_input_grad=max(0.0, best(head_both) - weight),
+        head_weight_grad=weight,
+        embedding_forward=embedding_forward,
+        embedding_grad=embedding_grad,
+        loss=best(loss_times),
+        loss_backward=best(loss_grads),
+    )
+
+
+# -- what a setup trains ------------------------------------------------------------------------
+
+@dataclass
+class SetupFacts:
+    """What a model's current setup trains and switches on (read from its flags and modules)."""
+
+    num_layers: int
+    embedding_trains: bool
+    blocks_trained: list[int]  # 1-based
+    final_norm_trains: bool
+    head_trains: bool
+    tied: bool
+    checkpointing: str | None  # None | "reentrant" | "non-reentrant"
+    input_grads_forced: bool  # enable_input_require_grads' hook on the embedding
+    lora: bool
+    trainable_params: int
+
+    @property
+    def lowest_trainable(self) -> int | None:
+        """0: the embedding; 1..L: that block; L + 1: only the norm or head train; None: nothing trains."""
+        if self.embedding_trains:
+            return 0
+        if self.blocks_trained:
+            return self.blocks_trained[0]
+        if self.final_norm_trains or self.head_trains:
+            return self.num_layers + 1
+        return None
+
+    @property
+    def frozen_prefix(self) -> int:
+        """k: the number of leading blocks with nothing to train (the cut's boundary for this setup)."""
+        return self.blocks_trained[0] - 1 if self.blocks_trained else self.num_layers
+
+
+def _checkpointing_kind(block: nn.Module) -> str | None:
+    impl = getattr(block, "checkpoint_impl", None)
+    if impl is not None:
+        return "reentrant" if getattr(impl, "name", "") == "REENTRANT" else "non-reentrant"
+    if not getattr(block, "gradient_checkpointing", False):
+        return None
+    func = getattr(block, "_gradient_checkpointing_func", None)
+    keywords: dict = {}
+    while isinstance(func, functools.partial):
+        for key, value in func.keywords.items():
+            keywords.setdefault(key, value)
+        func = func.func
+    return "non-reentrant" if keywords.get("use_reentrant", True) is False else "reentrant"
+
+
+def describe_setup(model: nn.Module, parts: ModelParts | None = None) -> SetupFacts:
+    """Read what ``model`` trains now: embeddings, blocks, norm, head, checkpointing, adapters."""
+    parts = parts or discover(model)
+    embedding = input_embedding(model)
+    forced = embedding is not None and any(
+        getattr(hook, "__name__", "") == "make_inputs_require_grads" for hook in embedding._forward_hooks.values())
+    lora = any("lora_" in name for name, _ in model.named_parameters())
+    return SetupFacts(
+        num_layers=parts.num_layers,
+        embedding_trains=embedding is not None and bool(_trainable(embedding)),
+        blocks_trained=[i + 1 for i, b in enumerate(parts.blocks) if _trainable(b)],
+        final_norm_trains=parts.final_norm is not None and bool(_trainable(parts.final_norm)),
+        head_trains=bool(_trainable(parts.lm_head)),
+        tied=parts.tied,
+        checkpointing=_checkpointing_kind(parts.blocks[0]),
+        input_grads_forced=forced,
+        lora=lora,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+@dataclass
+class PartRow:
+    """Median seconds of one part over a setup's measured steps."""
+
+    name: str
+    forward_s: float
+    recompute_s: float
+    backward_s: float
+    reached: bool
+    input_grad: bool
+    trainable: bool
+    hooked: bool
+
+
+@dataclass
+class SetupProfile:
+    """One setup's measured steps: medians, peak memory, how far its backward went."""
+
+    label: str
+    description: str
+    step_s: list[float]
+    step_s_median: float
+    forward_s: float
+    backward_s: float
+    other_s: float
+    loss_forward_s: float | None
+    loss_backward_s: float | None
+    peak_memory_bytes: int | None
+    parts: list[PartRow]
+    lowest_reached: int | None  # 0: the embedding output; 1..L: block; None: no block reached
+    lowest_trainable: int | None
+    blocks_reached: int
+    blocks_trained: int
+    backward_floor: int | None  # cost.StepSetup's backward_floor read from the hooks
+    modeled: dict | None = None  # cost.step_cost_parts over the measured part costs
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> SetupProfile:
+        data = dict(data)
+        data["parts"] = [PartRow(**row) for row in data["parts"]]
+        return cls(**data)
+
+
+@dataclass
+class ProfileReport(JsonRecord):
+    """The result of ``profile``: both setups, the part costs, the ideal and the verdict (JSON round-trip)."""
+
+    model_id: str
+    num_layers: int
+    boundary: int
+    device: str
+    clock: str
+    batch_shape: list[int]
+    steps: int
+    warmup: int
+    checkpointing: str | None
+    lora: bool
+    tied: bool
+    memory_kind: str
+    yours: SetupProfile
+    freezekern: SetupProfile | None = None
+    part_costs: dict | None = None
+    ideal: dict | None = None
+    time_ratio: float | None = None
+    memory_ratio: float | None = None
+    verdict: str = ""
+    rank: int = 0
+    world_size: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ProfileReport:
+        data = dict(data)
+        data["yours"] = SetupProfile.from_dict(data["yours"])
+        if data.get("freezekern") is not None:
+            data["freezekern"] = SetupProfile.from_dict(data["freezekern"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return self.verdict
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def _optional_median(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise_steps(label: str, description: str, timings: list[StepTiming], names: list[str], hooked: list[bool],
+                    facts: SetupFacts) -> SetupProfile:
+    """Medians of a setup's measured steps and how far its backward reached (1-based blocks)."""
+    L = facts.num_layers
+    trainable = [facts.embedding_trains] + [i in facts.blocks_trained for i in range(1, L + 1)] + \
+        [facts.final_norm_trains, facts.head_trains]
+    rows = []
+    for j, name in enumerate(names):
+        rows.append(PartRow(
+            name=name,
+            forward_s=_median([t.part_forward[j] for t in timings]),
+            recompute_s=_median([t.part_recompute[j] for t in timings]),
+            backward_s=_median([t.part_backward[j] for t in timings]),
+            reached=any(t.reached[j] for t in timings),
+            input_grad=any(t.input_grad[j] for t in timings),
+            trainable=trainable[j],
+            hooked=hooked[j],
+        ))
+    reached_blocks = [i for i in range(1, L + 1) if rows[i].reached]
+    lowest = 0 if rows[0].reached else (reached_blocks[0] if reached_blocks else None)
+    passed = [i for i in range(1, L + 1) if rows[i].input_grad]
+    floor = (passed[0] - 1) if passed else None
+    steps = [t.step_s for t in timings]
+    step = _median(steps)
+    forward, backward = _median([t.forward_s for t in timings]), _median([t.backward_s for t in timings])
+    peaks = [t.peak_memory_bytes for t in timings if t.peak_memory_bytes is not None]
+    return SetupProfile(
+        label=label, description=description, step_s=steps, step_s_median=step, forward_s=forward,
+        backward_s=backward, other_s=step - forward - backward,
+        loss_forward_s=_optional_median([t.loss_forward_s for t in timings]),
+        loss_backward_s=_optional_median([t.loss_backward_s for t in timings]),
+        peak_memory_bytes=max(peaks) if peaks else None, parts=rows, lowest_reached=lowest,
+        lowest_trainable=facts.lowest_trainable, blocks_reached=len(reached_blocks),
+        blocks_trained=len(facts.blocks_trained), backward_floor=floor,
+    )
+
+
+def cost_setups(facts: SetupFacts, yours: SetupProfile | None, boundary: int) -> tuple[StepSetup, StepSetup]:
+    """``cost.StepSetup`` of the user's setup (as its hooks saw it) and of freezekern's cut at ``boundary``."""
+    checkpointing = facts.checkpointing is not None
+    floor = yours.backward_floor if yours is not None else (0 if facts.input_grads_forced else None)
+    user_k = min(facts.frozen_prefix, facts.num_layers)
+    plain = StepSetup(boundary=user_k, train_head=facts.head_trains, train_embeddings=facts.embedding_trains,
+                      block_weights=True, checkpointing=checkpointing, cut=False,
+                      backward_floor=floor if floor is not None and floor < user_k else None)
+    cut = StepSetup(boundary=boundary, train_head=facts.head_trains, train_embeddings=False, block_weights=True,
+                    checkpointing=checkpointing, cut=True)
+    return plain, cut
+
+
+def _why_deeper(facts: SetupFacts) -> str:
+    if facts.embedding_trains:
+        return "the embeddings train, so the gradient must reach them"
+    if facts.input_grads_forced:
+        what = "gradient checkpointing" if facts.checkpointing else "PEFT"
+        return (f"enable_input_require_grads (switched on with {what}) makes the embedding output require grad, "
+                "so autograd differentiates every frozen block on the way down")
+    return "something below the trained blocks requires grad"
+
+
+def _blocks(n: int) -> str:
+    return f"{n} block{'s' if n != 1 else ''}"
+
+
+def verdict(report: ProfileReport) -> str:
+    """The plain-language summary: how far the backward runs, what the cut saves, how close to the ideal."""
+    yours, cut = report.yours, report.freezekern
+    L = report.num_layers
+    lines = []
+    lowest = yours.lowest_reached
+    if lowest is None:
+        lines.append("your backward reaches no block (only the head or norm train)")
+    else:
+        where = "the embedding output" if lowest == 0 else f"block {lowest}"
+        lines.append(f"your backward runs through {_blocks(yours.blocks_reached)} (down to {where}), "
+                     f"{yours.blocks_trained} of which train")
+    lowest_trained = yours.lowest_trainable
+    facts_deeper = lowest is not None and lowest_trained is not None and lowest < lowest_trained
+    if facts_deeper:
+        wasted = (lowest_trained if lowest_trained <= L else L + 1) - max(lowest, 1)
+        lines[-1] += (f": {_blocks(wasted)} below the lowest trained one (block {lowest_trained}) are "
+                      "differentiated for nothing")
+    if cut is not None and report.time_ratio is not None:
+        memory = f", {report.memory_ratio:.2f}x the peak memory" if report.memory_ratio is not None else ""
+        stop = f"block {cut.lowest_reached}" if cut.lowest_reached else "the head"
+        lines.append(f"freezekern's cut at k={report.boundary} (backward stops at {stop}): "
+                     f"{report.time_ratio:.2f}x the step time{memory}")
+        if not facts_deeper and lowest is not None:
+            lines.append("your backward already stops at the lowest trained block; the cut changes little here")
+    if report.ideal is not None:
+        ideal = report.ideal["total"]
+        parts = [f"your step {yours.step_s_median / ideal:.2f}x it"]
+        if cut is not None:
+            parts.append(f"freezekern's {cut.step_s_median / ideal:.2f}x")
+        lines.append(f"analytic ideal (every forward, backward of the trained parts only, from measured parts): "
+                     f"{ideal:.3f} s per step; " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+# -- the profile ------------------------------------------------------------------------------
+
+def _as_batch(batch, device) -> dict:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    out = {k: v.to(device) for k, v in batch.items() if k in BATCH_KEYS and isinstance(v, torch.Tensor)}
+    if "input_ids" not in out:
+        raise ValueError("each batch needs input_ids (a [B, T] LongTensor, or a dict with input_ids)")
+    out.setdefault("labels", out["input_ids"])
+    return out
+
+
+def _rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _train_step(model, batch, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=False)
+    loss = _output_loss(out)
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} returned no loss for a batch with labels")
+    loss.backward()
+    optimizer.step()
+
+
+def profile(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    boundary: int | None = None,
+    steps: int = 4,
+    warmup: int = 1,
+    compare: bool = True,
+    parts: ModelParts | None = None,
+    lr: float = 1e-5,
+    measure_parts: bool = True,
+    repeats: int = 3,
+    progress: bool = True,
+    model_id: str | None = None,
+) -> ProfileReport:
+    """Profile ``steps`` training steps of ``model`` as it is set up, beside freezekern's cut (see the module doc).
+
+    ``batches``: dicts with ``input_ids`` (and ``attention_mask``, ``labels``;
+    labels default to the inputs) or [B, T] LongTensors, used round-robin;
+    both setups get the same batch in each round. ``boundary``: k for the
+    cut (default: the number of leading blocks that train nothing).
+    ``warmup`` rounds are run first and not counted; ``compare=False``
+    profiles the user's setup only. ``parts``: the model's parts when
+    ``discover`` cannot find them (``freezekern.discover(model, layers=...)``).
+    The parameters, their flags and gradients, and the training mode are
+    restored afterwards. Returns a ProfileReport.
+    """
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (a median and an alternation need two), got {steps}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    handle = active_handle(model)
+    if handle is not None and handle.active:
+        raise ValueError("a freeze plan is already applied to this model; profile the setup without it "
+                         "(handle.remove()): profile compares your setup with freezekern's cut itself")
+    parts = parts or discover(model)
+    device = device_of(model)
+    batches = [_as_batch(b, device) for b in batches]
+    if not batches:
+        raise ValueError("profile needs at least one batch")
+    facts = describe_setup(model, parts)
+    if facts.trainable_params == 0:
+        raise ValueError("no parameter of the model requires grad: there is no training step to profile")
+    L = parts.num_layers
+    k = facts.frozen_prefix if boundary is None else int(boundary)
+    if not 0 <= k <= L:
+        raise ValueError(f"boundary {k} is outside [0, {L}] (the model has {L} blocks)")
+    notes: list[str] = []
+    if compare and facts.embedding_trains:
+        notes.append("your setup trains the input embedding; freezekern's cut freezes it (the two setups train "
+                     "different parameters)")
+    if compare and boundary is not None and facts.blocks_trained and facts.blocks_trained[0] <= k:
+        notes.append(f"the cut at k={k} also freezes trained blocks {facts.blocks_trained[0]}..{k} of your setup")
+    if compare and facts.tied and facts.head_trains:
+        notes.append("your setup trains the tied input/output embedding; under the cut it trains through its "
+                     "output use only")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in trainable]
+    saved_grads = [p.grad for p in model.parameters()]
+    was_training = model.training
+    recorder = StepRecorder(model, parts, device)
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    timings: dict[str, list[StepTiming]] = {YOURS: [], CUT: []}
+    labels = [YOURS, CUT] if compare else [YOURS]
+    rounds = warmup + steps
+    costs = None
+    memory_kind = ""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=rounds * len(labels), desc="profile", unit="step", disable=not progress)
+    cut_handle = None
+    try:
+        model.train()
+        recorder.install()
+        for r in range(rounds):
+            order = labels if r % 2 == 0 else labels[::-1]
+            batch = batches[r % len(batches)]
+            for label in order:
+                if label == CUT:
+                    cut_handle = apply(model, k, train_head=facts.head_trains, train_final_norm=True, parts=parts,
+                                       frozen_adapters="freeze")
+                try:
+                    with PeakMemory(device) as memory:
+                        recorder.begin_step()
+                        _train_step(model, batch, optimizer)
+                        timing = recorder.end_step()
+                finally:
+                    if cut_handle is not None:
+                        cut_handle.remove()
+                        cut_handle = None
+                memory_kind = memory.kind
+                timing.peak_memory_bytes = int(memory.peak_bytes)
+                if r >= warmup:
+                    timings[label].append(timing)
+                bar.update(1)
+        bar.close()
+        recorder.remove()
+        if measure_parts:
+            optimizer.zero_grad(set_to_none=True)
+            if progress:
+                tqdm.write("profile: timing each part alone (the ideal's costs)")
+            costs = measure_part_costs(model, batches[0], parts=parts, repeats=repeats)
+    finally:
+        bar.close()
+        recorder.remove()
+        if cut_handle is not None and cut_handle.active:
+            cut_handle.remove()
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        with torch.no_grad():
+            for p, value in zip(trainable, saved):
+                p.copy_(value)
+        for p, grad in zip(model.parameters(), saved_grads):
+            p.grad = grad
+        model.train(was_training)
+
+    hooked = recorder.hooked
+    yours = summarise_steps(YOURS, "the model as given", timings[YOURS], recorder.names, hooked, facts)
+    fk = None
+    if compare:
+        cut_facts = SetupFacts(**{**asdict(facts), "embedding_trains": False,
+                                  "blocks_trained": [b for b in facts.blocks_trained if b > k]})
+        fk = summarise_steps(CUT, f"freezekern.apply(model, {k}): embeddings and blocks 1..{k} graph-free, "
+                                  f"backward cut at block {k + 1}", timings[CUT], recorder.names, hooked,
+                             cut_facts)
+    ideal = None
+    if costs is not None:
+        plain_setup, cut_setup = cost_setups(facts, yours, k)
+        yours.modeled = step_cost_parts(costs, plain_setup)
+        ideal = step_cost_parts(costs, cut_setup)
+        if fk is not None:
+            fk.modeled = dict(ideal)
+    rank, world = _rank()
+    config = getattr(model, "config", None)
+    report = ProfileReport(
+        model_id=model_id or str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        num_layers=L, boundary=k, device=str(device), clock=recorder.clock.kind,
+        batch_shape=list(batches[0]["input_ids"].shape), steps=steps, warmup=warmup,
+        checkpointing=facts.checkpointing, lora=facts.lora, tied=facts.tied, memory_kind=memory_kind,
+        yours=yours, freezekern=fk, part_costs=_plain(asdict(costs)) if costs is not None else None, ideal=ideal,
+        rank=rank, world_size=world, notes=notes,
+    )
+    if fk is not None:
+        report.time_ratio = _paired_ratio(timings[CUT], timings[YOURS])
+        if fk.peak_memory_bytes and yours.peak_memory_bytes:
+            report.memory_ratio = fk.peak_memory_bytes / yours.peak_memory_bytes
+    report.verdict = verdict(report)
+    return report
+
+
+def _plain(data: dict) -> dict:
+    """Tuples as lists, as JSON gives them back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def part_costs_from_report(report: ProfileReport) -> PartCosts | None:
+    """The measured PartCosts a report holds (None when parts were not measured)."""
+    if report.part_costs is None:
+        return None
+    return PartCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in report.part_costs.items()})
+
+
+def _paired_ratio(numerator: list[StepTiming], denominator: list[StepTiming]) -> float:
+    """Median over rounds of t(cut) / t(yours): each round's two steps ran back to back."""
+    ratios = [a.step_s / b.step_s for a, b in zip(numerator, denominator) if b.step_s > 0]
+    return statistics.median(ratios) if ratios else math.nan
+
+
+# -- the setups users build by hand (for the command line) ----------------------------------------
+
+def prepare_setup(model: nn.Module, *, boundary: int | None = None, plan=None, lora: bool = False, lora_r: int = 16,
+                  gradient_checkpointing: bool = False, reentrant: bool = False,
+                  parts: ModelParts | None = None) -> nn.Module:
+    """Set ``model`` up the way users do without freezekern; returns the model to train (a PeftModel with LoRA).
+
+    ``boundary`` k or ``plan``: plain ``requires_grad_(False)`` on what the
+    plan (or freezekern.apply(model, k)) would freeze, without any cut;
+    ``lora``: PEFT LoRA (rank ``lora_r``, every linear of the block) on the
+    blocks above k, which freezes every base weight; ``gradient_checkpointing``:
+    Hugging Face activation checkpointing with ``enable_input_require_grads``,
+    as the Trainer and PEFT switch it on (``reentrant`` picks the reentrant
+    implementation; the default is transformers' non-reentrant one).
+    """
+    from freezekern.training import enable_checkpointing
+    from freezekern.truncate import trainable_parameters
+
+    parts = parts or discover(model)
+    k = 0
+    if plan is not None or boundary is not None:
+        handle = apply(model, plan if plan is not None else int(boundary), parts=parts)
+        trainable = {id(p) for p in trainable_parameters(model)}
+        k = handle.boundary
+        handle.remove()
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        from freezekern.integrations.peft import block_linear_names, layers_to_transform
+
+        config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                            target_modules=block_linear_names(model),
+                            layers_to_transform=layers_to_transform(k, parts.num_layers),
+                            layers_pattern=parts.blocks_path.rsplit(".", 1)[-1], task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        enable_checkpointing(model, use_reentrant=True if reentrant else None)
+    return model
+
+
+def discover_for_command_line(model: nn.Module, layers: str | None) -> ModelParts:
+    """``discover`` whose error names the command line's ``--layers`` override."""
+    try:
+        return discover(model, layers=layers)
+    except ValueError as exc:
+        if layers is not None:
+            raise
+        raise ValueError(f"{exc}; on the command line pass --layers PATH, the dotted path of the model's block "
+                         "list (e.g. --layers model.layers or --layers transformer.h)") from None
+
+
+def check_profile_args(args) -> None:
+    """Refuse bad command-line values before any model is loaded."""
+    if args.steps < 2:
+        raise ValueError(f"--steps must be at least 2 (a median and an alternation need two), got {args.steps}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.seq_len < 2 or args.batch_size < 1:
+        raise ValueError("--batch-size must be positive and --seq-len at least 2")
+    if args.freeze is not None and args.freeze < 0:
+        raise ValueError(f"--freeze must be >= 0, got {args.freeze}")
+    if args.lora_r < 1:
+        raise ValueError(f"--lora-r must be positive, got {args.lora_r}")
+    if args.plan is not None:
+        from pathlib import Path
+
+        if not Path(args.plan).is_file():
+            raise FileNotFoundError(f"plan file {args.plan} does not exist")
+    if args.lora:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("--lora needs peft: pip install 'freezekern[peft]'")
+
+
+def profile_command(args, model, tokenizer) -> ProfileReport:
+    """``freezekern profile``: build the setup the flags describe, profile it, print and write the report."""
+    from pathlib import Path
+
+    from freezekern.data import make_batches
+    from freezekern.policy import FreezePlan
+    from freezekern.report import plot_profile, profile_table
+
+    parts = discover_for_command_line(model, args.layers)
+    plan = FreezePlan.load(args.plan) if args.plan else None
+    if args.freeze is not None and args.freeze > parts.num_layers:
+        raise ValueError(f"--freeze {args.freeze} exceeds the model's {parts.num_layers} blocks")
+    model = prepare_setup(model, boundary=args.freeze, plan=plan, lora=args.lora, lora_r=args.lora_r,
+                          gradient_checkpointing=args.gradient_checkpointing, reentrant=args.reentrant, parts=parts)
+    if args.lora:
+        layers = f"base_model.model.{parts.blocks_path}" if args.layers else None
+        parts = discover_for_command_line(model, layers)
+    batches = make_batches(tokenizer, args.data, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                           num_tokens=2 * args.batch_size * args.seq_len)
+    report = profile(model, batches, steps=args.steps, warmup=args.warmup, compare=not args.no_compare,
+                     parts=parts, model_id=args.model or None)
+    out = Path(args.out)
+    report.save(out / "profile.json")
+    plot_profile(report, out / "profile.png")
+    print(profile_table(report))
+    print(f"\nwrote {out / 'profile.json'}, {out / 'profile.png'}")
+    return report
