@@ -903,6 +903,7 @@ def verdict(report: ProfileReport) -> str:
             parts.append(f"freezekern's {cut.step_s_median / ideal:.2f}x")
         lines.append(f"analytic ideal (every forward, backward of the trained parts only, from measured parts): "
                      f"{ideal:.3f} s per step; " + ", ".join(parts))
+    lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
 
@@ -1053,15 +1054,24 @@ def profile(
             p.grad = grad
         model.train(was_training)
 
-    hooked = recorder.hooked
-    yours = summarise_steps(YOURS, "the model as given", timings[YOURS], recorder.names, hooked, facts)
+    return assemble_report(model, recorder, facts, k, timings, costs=costs, compared=compare,
+                           batch_shape=list(batches[0]["input_ids"].shape), warmup=warmup, memory_kind=memory_kind,
+                           notes=notes, model_id=model_id,
+                           descriptions=("the model as given", f"freezekern.apply(model, {k}) for alternate steps"))
+
+
+def assemble_report(model: nn.Module, recorder: StepRecorder, facts: SetupFacts, boundary: int,
+                    timings: Mapping[str, list[StepTiming]], *, costs: PartCosts | None, compared: bool,
+                    batch_shape: list[int], warmup: int, memory_kind: str, notes: list[str],
+                    model_id: str | None = None, descriptions: tuple[str, str] = ("", "")) -> ProfileReport:
+    """The ProfileReport of measured steps (``timings[YOURS]``, ``timings[CUT]``) and optional part costs."""
+    k = boundary
+    yours = summarise_steps(YOURS, descriptions[0], timings[YOURS], recorder.names, recorder.hooked, facts)
     fk = None
-    if compare:
+    if compared and timings.get(CUT):
         cut_facts = SetupFacts(**{**asdict(facts), "embedding_trains": False,
                                   "blocks_trained": [b for b in facts.blocks_trained if b > k]})
-        fk = summarise_steps(CUT, f"freezekern.apply(model, {k}): embeddings and blocks 1..{k} graph-free, "
-                                  f"backward cut at block {k + 1}", timings[CUT], recorder.names, hooked,
-                             cut_facts)
+        fk = summarise_steps(CUT, descriptions[1], timings[CUT], recorder.names, recorder.hooked, cut_facts)
     ideal = None
     if costs is not None:
         plain_setup, cut_setup = cost_setups(facts, yours, k)
@@ -1073,11 +1083,11 @@ def profile(
     config = getattr(model, "config", None)
     report = ProfileReport(
         model_id=model_id or str(getattr(config, "_name_or_path", "") or type(model).__name__),
-        num_layers=L, boundary=k, device=str(device), clock=recorder.clock.kind,
-        batch_shape=list(batches[0]["input_ids"].shape), steps=steps, warmup=warmup,
+        num_layers=facts.num_layers, boundary=k, device=str(recorder.device), clock=recorder.clock.kind,
+        batch_shape=list(batch_shape), steps=len(timings[YOURS]), warmup=warmup,
         checkpointing=facts.checkpointing, lora=facts.lora, tied=facts.tied, memory_kind=memory_kind,
         yours=yours, freezekern=fk, part_costs=_plain(asdict(costs)) if costs is not None else None, ideal=ideal,
-        rank=rank, world_size=world, notes=notes,
+        rank=rank, world_size=world, notes=list(notes),
     )
     if fk is not None:
         report.time_ratio = _paired_ratio(timings[CUT], timings[YOURS])

@@ -129,7 +129,6 @@ def profile_table(report) -> str:
         i = report.ideal
         lines.append(f"analytic ideal {i['total']:.3f} s = forward {i['forward']:.3f} + recompute "
                      f"{i['recompute']:.3f} + backward {i['backward']:.3f} (freezekern.cost over measured parts)")
-    lines += [f"note: {n}" for n in report.notes]
     lines += ["", report.verdict]
     return "\n".join(lines)
 
