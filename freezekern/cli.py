@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("env", help="versions, devices and which kernels are available")
     _add_profile_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -88,6 +89,19 @@ def _add_profile_parser(sub) -> None:
     profile.add_argument("--layers", help="dotted path of the decoder block list when it is not found")
     profile.add_argument("--no-compare", action="store_true", help="profile your setup only, without the cut")
     profile.add_argument("--out", default="freezekern-profile", help="output folder (profile.json, profile.png)")
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="write a plan as a PEFT config, axolotl YAML, a TRL snippet or JSON")
+    export.add_argument("plan", help="plan.json written by analyze (or FreezePlan.save)")
+    export.add_argument("--format", required=True, choices=["peft", "axolotl", "trl", "json"])
+    export.add_argument("--model", help="the model folder (its config.json names the parameters; default: the "
+                                        "plan's model when it is a local folder or the built-in model)")
+    export.add_argument("--out", help="output file (peft: a folder for adapter_config.json); default: stdout")
+    export.add_argument("--lora-r", type=int, default=16, help="peft: LoRA rank (default 16)")
+    export.add_argument("--lora-alpha", type=int, default=None, help="peft: LoRA alpha (default 2 r)")
+    export.add_argument("--target-modules", nargs="+", default=None,
+                        help="peft: module names to adapt (default: every linear of a block)")
 
 
 def _device(name: str | None):
@@ -235,6 +249,14 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from freezekern.integrations.export import check_export_args, export_command
+
+    check_export_args(args)
+    export_command(args)
+    return 0
+
+
 def cmd_env(args) -> int:
     from freezekern.env import env_report
 
@@ -244,7 +266,7 @@ def cmd_env(args) -> int:
 
 
 COMMANDS = {"analyze": cmd_analyze, "finetune": cmd_finetune, "bench": cmd_bench, "env": cmd_env,
-            "profile": cmd_profile}
+            "profile": cmd_profile, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
