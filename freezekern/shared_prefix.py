@@ -17,7 +17,9 @@ each model: the first forward on a batch computes the boundary state as
 usual, the next forward of either model on the same inputs is served it and
 skips the embedding and blocks 1..k. Its rule differs from the prefix
 cache's: it serves forwards with or without gradients (the reference runs
-under ``torch.no_grad()``), keeps only the last ``slots`` states (KTO's KL
+under ``torch.no_grad()``), hands each computed state to one later forward
+only (sharing within a step, never caching across steps: that is
+``PrefixCache``'s job), keeps at most the last ``slots`` states (KTO's KL
 batch and completion batch make two), and serves only inputs it has just
 seen (the same ``input_ids``, ``attention_mask`` and ``position_ids``, no
 other argument that could reach the prefix). truncate itself never asks it
@@ -260,7 +262,7 @@ class SharedPrefix:
             return None
         for slot, (stored_key, state) in self._states.items():
             if self._same(stored_key, key):
-                self._states.move_to_end(slot)
+                del self._states[slot]  # each state feeds one other forward: sharing, not caching
                 self.stats["served"] += 1
                 device = port.handle.embedding.weight.device if hasattr(port.handle.embedding, "weight") \
                     else state.device

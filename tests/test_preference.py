@@ -167,6 +167,9 @@ def test_policy_and_reference_log_probs_equal_without_sharing(tokenizer):
                 if p.grad is not None:
                     assert torch.equal(p.grad, expected_grads[name]), name
     assert shared.stats == {"computed": 2, "served": 2, "not_shareable": 0}
+    with torch.no_grad():  # a state feeds one other forward only: the same batch again is computed again
+        reference(**_batch(1), use_cache=False)
+    assert shared.stats == {"computed": 3, "served": 2, "not_shareable": 0}
     owned = active_handle(reference)
     shared.detach()
     assert owned is not None and not owned.active and active_handle(reference) is None
