@@ -59,7 +59,7 @@ def main(out_dir: str) -> None:
         "rank": dist.get_rank() if dist.is_initialized() else 0,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "backend": dist.get_backend() if dist.is_initialized() else None,
-        "distributed_type": str(trainer.accelerator.distributed_type),
+        "distributed_type": getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type)),
         "local_rank": os.environ.get("LOCAL_RANK"),
         "boundary": freeze.handle.boundary,
         "trace_tokens": freeze.trace.token_count,
