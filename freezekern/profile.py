@@ -948,7 +948,7 @@ def profile(
     parts: ModelParts | None = None,
     lr: float = 1e-5,
     measure_parts: bool = True,
-    repeats: int = 3,
+    repeats: int = 2,
     progress: bool = True,
     model_id: str | None = None,
 ) -> ProfileReport:

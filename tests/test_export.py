@@ -154,10 +154,12 @@ def test_axolotl_yaml_of_full_fine_tuning_sets_nothing():
 
 def test_axolotl_export_reads_the_default_model_without_weights():
     yaml = pytest.importorskip("yaml")
-    from freezekern.integrations.export import skeleton_for_plan
-    from freezekern.models import DEFAULT_MODEL_NAME, smollm2_shaped_model
+    from transformers import LlamaConfig
 
-    real = smollm2_shaped_model()
+    from freezekern.integrations.export import model_skeleton, skeleton_for_plan
+    from freezekern.models import DEFAULT_MODEL_NAME, SMOLLM2_135M_SHAPE
+
+    real = model_skeleton(config=LlamaConfig(**SMOLLM2_135M_SHAPE))  # names and shapes of the built-in model
     real.config._name_or_path = DEFAULT_MODEL_NAME
     plan = _plan(real, boundary=24)
     skeleton = skeleton_for_plan(plan)

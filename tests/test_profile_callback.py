@@ -72,7 +72,8 @@ def _train(model, out_dir, callbacks, max_steps=6, **extra):
     return trainer
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("reentrant", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["non_reentrant", "reentrant"])
 def test_trainer_steps_profiled_and_training_unchanged(tmp_path, capsys, reentrant):
     callback = BackwardProfileCallback(steps=2, warmup=1, repeats=1)
     gc = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
@@ -95,6 +96,7 @@ def test_trainer_steps_profiled_and_training_unchanged(tmp_path, capsys, reentra
     assert len(logged) == 1 and logged[0]["freezekern_profile_lowest_reached"] == 0
 
 
+@pytest.mark.slow
 def test_sft_trainer(tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
