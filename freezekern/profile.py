@@ -32,14 +32,19 @@ Timing: wall time (``time.perf_counter``) on the CPU, CUDA events on a GPU
 (resolved after one synchronisation at the end of each step). Peak memory per
 step: ``freezekern.profiling.PeakMemory``.
 
-The analytic ideal is ``freezekern.cost.step_cost`` over per-part costs
-measured in isolation (``measure_part_costs``: each block's forward, its
-backward with and without its own parameters' gradients, the head's, the
-embedding's and the loss's), for the cut's setup: every forward, the
-recomputation of the checkpointed trained blocks, and the backward of the
-trained parts only. It omits the final norm, the optimizer and everything
-between parts, so it is a lower bound of a step with the same trainable
-parameters.
+The analytic ideal is ``freezekern.cost.step_cost`` (the formula of the
+plan's cost model and of ``benchmarks/bench_step.py``) over per-part seconds
+read from these same hooks (``step_part_costs``), for the cut's setup: every
+forward, the recomputation of the checkpointed trained blocks, and the
+backward of the trained parts only (the LM head's input gradient, its weight
+gradient when it trains, the loss). Each part's cost is the smaller of the
+two setups' measured steps (the same alternating steps), so the ideal is a
+lower bound of every step of the cut (each of them ran all of these parts,
+one after another) and of any step that trains the same parameters: it
+leaves out the final norm, the optimizer and everything between parts. Parts no step ran
+(the cut's weight-only backward of block k+1 when there is no comparison)
+come from ``measure_part_costs``, which times each part alone, when that is
+asked for (``isolated_parts=True``), else count zero.
 
 With torch.distributed every rank profiles its own steps (the report names
 the rank); nothing here is collective.
@@ -713,7 +718,7 @@ def describe_setup(model: nn.Module, parts: ModelParts | None = None) -> SetupFa
 
 @dataclass
 class PartRow:
-    """Median seconds of one part over a setup's measured steps."""
+    """Seconds of one part over a setup's measured steps: medians, and the minima the ideal is priced with."""
 
     name: str
     forward_s: float
@@ -723,6 +728,9 @@ class PartRow:
     input_grad: bool
     trainable: bool
     hooked: bool
+    forward_min_s: float = math.nan
+    recompute_min_s: float = math.nan
+    backward_min_s: float = math.nan
 
 
 @dataclass
@@ -746,6 +754,8 @@ class SetupProfile:
     blocks_trained: int
     backward_floor: int | None  # cost.StepSetup's backward_floor read from the hooks
     modeled: dict | None = None  # cost.step_cost_parts over the measured part costs
+    loss_forward_min_s: float | None = None
+    loss_backward_min_s: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping) -> SetupProfile:
@@ -772,8 +782,9 @@ class ProfileReport(JsonRecord):
     memory_kind: str
     yours: SetupProfile
     freezekern: SetupProfile | None = None
-    part_costs: dict | None = None
+    part_costs: dict | None = None  # cost.PartCosts (seconds) read from the steps
     ideal: dict | None = None
+    isolated_part_costs: dict | None = None  # cost.PartCosts of each part timed alone, when asked for
     time_ratio: float | None = None
     memory_ratio: float | None = None
     verdict: str = ""
@@ -807,6 +818,11 @@ def _optional_median(values: list) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _minimum(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return min(values) if values else math.nan
+
+
 def summarise_steps(label: str, description: str, timings: list[StepTiming], names: list[str], hooked: list[bool],
                     facts: SetupFacts) -> SetupProfile:
     """Medians of a setup's measured steps and how far its backward reached (1-based blocks)."""
@@ -824,6 +840,9 @@ def summarise_steps(label: str, description: str, timings: list[StepTiming], nam
             input_grad=any(t.input_grad[j] for t in timings),
             trainable=trainable[j],
             hooked=hooked[j],
+            forward_min_s=_minimum([t.part_forward[j] for t in timings]),
+            recompute_min_s=_minimum([t.part_recompute[j] for t in timings]),
+            backward_min_s=_minimum([t.part_backward[j] for t in timings]),
         ))
     reached_blocks = [i for i in range(1, L + 1) if rows[i].reached]
     lowest = 0 if rows[0].reached else (reached_blocks[0] if reached_blocks else None)
@@ -841,6 +860,8 @@ def summarise_steps(label: str, description: str, timings: list[StepTiming], nam
         peak_memory_bytes=max(peaks) if peaks else None, parts=rows, lowest_reached=lowest,
         lowest_trainable=facts.lowest_trainable, blocks_reached=len(reached_blocks),
         blocks_trained=len(facts.blocks_trained), backward_floor=floor,
+        loss_forward_min_s=min((t.loss_forward_s for t in timings if t.loss_forward_s is not None), default=None),
+        loss_backward_min_s=min((t.loss_backward_s for t in timings if t.loss_backward_s is not None), default=None),
     )
 
 
@@ -901,10 +922,111 @@ def verdict(report: ProfileReport) -> str:
         parts = [f"your step {yours.step_s_median / ideal:.2f}x it"]
         if cut is not None:
             parts.append(f"freezekern's {cut.step_s_median / ideal:.2f}x")
-        lines.append(f"analytic ideal (every forward, backward of the trained parts only, from measured parts): "
-                     f"{ideal:.3f} s per step; " + ", ".join(parts))
+        lines.append(f"analytic ideal (every forward, backward of the trained parts only, priced from the measured "
+                     f"parts): {ideal:.3f} s per step; " + ", ".join(parts))
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def _row_value(setup: SetupProfile | None, index: int, name: str, *, reached: bool = False) -> float | None:
+    if setup is None:
+        return None
+    row = setup.parts[index]
+    value = getattr(row, name)
+    if not row.hooked or value is None or math.isnan(value) or (reached and not row.reached):
+        return None
+    return value
+
+
+def _least(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def step_part_costs(yours: SetupProfile, cut: SetupProfile | None, facts: SetupFacts, boundary: int,
+                    isolated: PartCosts | None = None) -> tuple[PartCosts, list[str]]:
+    """``cost.PartCosts`` in seconds from the profiled steps: per part, the least over both setups' steps.
+
+    Per block: the forward; the recomputation (``block_recompute``); the
+    backward of a frozen block the gradient passes through (input gradient
+    only); for the lowest trained block k+1, the cut's weight-only backward
+    as its weight gradient and what the plain setup spent on top as its input
+    gradient; for the blocks above, whose input and weight gradients are
+    always computed together, their whole backward, booked as weight
+    gradient. The head's backward is booked as input gradient when anything
+    below it trains (the weight gradient otherwise). Parts no step measured
+    come from ``isolated`` (``measure_part_costs``) or count zero; the notes
+    say which.
+    """
+    L, k = facts.num_layers, boundary
+    setups = [s for s in (yours, cut) if s is not None]
+    notes: list[str] = []
+    unmeasured: list[str] = []
+
+    def iso(name: str, i: int | None = None) -> float:
+        if isolated is None:
+            return 0.0
+        value = getattr(isolated, name)
+        return value[i] if i is not None else value
+
+    forward, recompute, inputs, weights = [], [], [], []
+    for i in range(1, L + 1):
+        f = _least(_row_value(s, i, "forward_min_s") for s in setups)
+        forward.append(f if f is not None else iso("block_forward", i - 1))
+        r = _least(_row_value(s, i, "recompute_min_s", reached=True) for s in setups if s.parts[i].recompute_s > 0)
+        recompute.append(r if r is not None else forward[-1])
+        if i not in facts.blocks_trained:
+            passed = _row_value(yours, i, "backward_min_s", reached=True)
+            if passed is None and i > k:
+                passed = _least(_row_value(s, i, "backward_min_s", reached=True) for s in setups)
+            if passed is None and i > k:  # a frozen block below k that no backward reached is priced by nothing
+                unmeasured.append(f"block {i}")
+            inputs.append(passed if passed is not None else iso("block_input_grad", i - 1))
+            weights.append(0.0)
+        elif i == k + 1:
+            weight_only = [_row_value(cut, i, "backward_min_s", reached=True)]
+            if not yours.parts[i].input_grad:
+                weight_only.append(_row_value(yours, i, "backward_min_s", reached=True))
+            w = _least(weight_only)
+            if w is None:
+                unmeasured.append(f"block {i} (weight-only)")
+                w = iso("block_weight_grad", i - 1)
+            both = _row_value(yours, i, "backward_min_s", reached=True) if yours.parts[i].input_grad else None
+            inputs.append(max(0.0, both - w) if both is not None else iso("block_input_grad", i - 1))
+            weights.append(w)
+        else:
+            both = _least(_row_value(s, i, "backward_min_s", reached=True) for s in setups)
+            if both is None:
+                unmeasured.append(f"block {i}")
+                both = iso("block_input_grad", i - 1) + iso("block_weight_grad", i - 1)
+            inputs.append(0.0)
+            weights.append(both)
+    head = L + 2
+    head_forward = _least(_row_value(s, head, "forward_min_s") for s in setups)
+    head_backward = _least(_row_value(s, head, "backward_min_s", reached=True) for s in setups)
+    below = facts.embedding_trains or bool(facts.blocks_trained) or facts.final_norm_trains
+    if head_backward is None:
+        unmeasured.append("lm_head")
+        head_backward = iso("head_input_grad") + iso("head_weight_grad")
+    embedding_forward = _least(_row_value(s, 0, "forward_min_s") for s in setups)
+    embedding_grad = _row_value(yours, 0, "backward_min_s", reached=True) if facts.embedding_trains else 0.0
+    loss = _least(s.loss_forward_min_s for s in setups)
+    loss_backward = _least(s.loss_backward_min_s for s in setups)
+    if unmeasured:
+        notes.append(f"not measured in the steps ({', '.join(unmeasured[:4])}{' ...' if len(unmeasured) > 4 else ''}): "
+                     + ("priced from isolated timings" if isolated is not None else "counted as zero in the ideal"))
+    costs = PartCosts(
+        block_forward=tuple(forward), block_input_grad=tuple(inputs), block_weight_grad=tuple(weights),
+        head_forward=head_forward if head_forward is not None else iso("head_forward"),
+        head_input_grad=head_backward if below else 0.0,
+        head_weight_grad=0.0 if below else head_backward,
+        embedding_forward=embedding_forward if embedding_forward is not None else iso("embedding_forward"),
+        embedding_grad=embedding_grad if embedding_grad is not None else iso("embedding_grad"),
+        loss=loss if loss is not None else iso("loss"),
+        loss_backward=loss_backward if loss_backward is not None else (iso("loss_backward") or 0.0),
+        block_recompute=tuple(recompute),
+    )
+    return costs, notes
 
 
 # -- the profile ------------------------------------------------------------------------------
@@ -947,7 +1069,7 @@ def profile(
     compare: bool = True,
     parts: ModelParts | None = None,
     lr: float = 1e-5,
-    measure_parts: bool = True,
+    isolated_parts: bool = False,
     repeats: int = 2,
     progress: bool = True,
     model_id: str | None = None,
@@ -961,8 +1083,10 @@ def profile(
     ``warmup`` rounds are run first and not counted; ``compare=False``
     profiles the user's setup only. ``parts``: the model's parts when
     ``discover`` cannot find them (``freezekern.discover(model, layers=...)``).
-    The parameters, their flags and gradients, and the training mode are
-    restored afterwards. Returns a ProfileReport.
+    ``isolated_parts``: also time each part alone (``measure_part_costs``,
+    ``repeats`` times) for the parts the steps do not show. The parameters,
+    their flags and gradients, and the training mode are restored afterwards.
+    Returns a ProfileReport.
     """
     if steps < 2:
         raise ValueError(f"steps must be at least 2 (a median and an alternation need two), got {steps}")
@@ -1035,10 +1159,10 @@ def profile(
                 bar.update(1)
         bar.close()
         recorder.remove()
-        if measure_parts:
+        if isolated_parts:
             optimizer.zero_grad(set_to_none=True)
             if progress:
-                tqdm.write("profile: timing each part alone (the ideal's costs)")
+                tqdm.write("profile: timing each part alone")
             costs = measure_part_costs(model, batches[0], parts=parts, repeats=repeats)
     finally:
         bar.close()
@@ -1054,17 +1178,17 @@ def profile(
             p.grad = grad
         model.train(was_training)
 
-    return assemble_report(model, recorder, facts, k, timings, costs=costs, compared=compare,
+    return assemble_report(model, recorder, facts, k, timings, isolated=costs, compared=compare,
                            batch_shape=list(batches[0]["input_ids"].shape), warmup=warmup, memory_kind=memory_kind,
                            notes=notes, model_id=model_id,
                            descriptions=("the model as given", f"freezekern.apply(model, {k}) for alternate steps"))
 
 
 def assemble_report(model: nn.Module, recorder: StepRecorder, facts: SetupFacts, boundary: int,
-                    timings: Mapping[str, list[StepTiming]], *, costs: PartCosts | None, compared: bool,
+                    timings: Mapping[str, list[StepTiming]], *, isolated: PartCosts | None, compared: bool,
                     batch_shape: list[int], warmup: int, memory_kind: str, notes: list[str],
                     model_id: str | None = None, descriptions: tuple[str, str] = ("", "")) -> ProfileReport:
-    """The ProfileReport of measured steps (``timings[YOURS]``, ``timings[CUT]``) and optional part costs."""
+    """The ProfileReport of measured steps (``timings[YOURS]``, ``timings[CUT]``), optionally isolated part costs."""
     k = boundary
     yours = summarise_steps(YOURS, descriptions[0], timings[YOURS], recorder.names, recorder.hooked, facts)
     fk = None
@@ -1072,13 +1196,13 @@ def assemble_report(model: nn.Module, recorder: StepRecorder, facts: SetupFacts,
         cut_facts = SetupFacts(**{**asdict(facts), "embedding_trains": False,
                                   "blocks_trained": [b for b in facts.blocks_trained if b > k]})
         fk = summarise_steps(CUT, descriptions[1], timings[CUT], recorder.names, recorder.hooked, cut_facts)
-    ideal = None
-    if costs is not None:
-        plain_setup, cut_setup = cost_setups(facts, yours, k)
-        yours.modeled = step_cost_parts(costs, plain_setup)
-        ideal = step_cost_parts(costs, cut_setup)
-        if fk is not None:
-            fk.modeled = dict(ideal)
+    costs, cost_notes = step_part_costs(yours, fk, facts, k, isolated)
+    plain_setup, cut_setup = cost_setups(facts, yours, k)
+    yours.modeled = step_cost_parts(costs, plain_setup)
+    ideal = step_cost_parts(costs, cut_setup)
+    if fk is not None:
+        fk.modeled = dict(ideal)
+    notes = list(notes) + cost_notes
     rank, world = _rank()
     config = getattr(model, "config", None)
     report = ProfileReport(
@@ -1086,7 +1210,8 @@ def assemble_report(model: nn.Module, recorder: StepRecorder, facts: SetupFacts,
         num_layers=facts.num_layers, boundary=k, device=str(recorder.device), clock=recorder.clock.kind,
         batch_shape=list(batch_shape), steps=len(timings[YOURS]), warmup=warmup,
         checkpointing=facts.checkpointing, lora=facts.lora, tied=facts.tied, memory_kind=memory_kind,
-        yours=yours, freezekern=fk, part_costs=_plain(asdict(costs)) if costs is not None else None, ideal=ideal,
+        yours=yours, freezekern=fk, part_costs=_plain(asdict(costs)), ideal=ideal,
+        isolated_part_costs=_plain(asdict(isolated)) if isolated is not None else None,
         rank=rank, world_size=world, notes=list(notes),
     )
     if fk is not None:
@@ -1102,11 +1227,12 @@ def _plain(data: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
-def part_costs_from_report(report: ProfileReport) -> PartCosts | None:
-    """The measured PartCosts a report holds (None when parts were not measured)."""
-    if report.part_costs is None:
+def part_costs_from_report(report: ProfileReport, isolated: bool = False) -> PartCosts | None:
+    """The PartCosts a report holds: read from its steps, or (``isolated``) each part timed alone."""
+    data = report.isolated_part_costs if isolated else report.part_costs
+    if data is None:
         return None
-    return PartCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in report.part_costs.items()})
+    return PartCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _paired_ratio(numerator: list[StepTiming], denominator: list[StepTiming]) -> float:

@@ -163,6 +163,9 @@ def test_the_ideal_is_cost_py_over_the_measured_parts(gc_profiled):
     assert not plain.cut and plain.backward_floor == 0
     assert report.ideal == step_cost_parts(costs, cut)
     assert report.yours.modeled == step_cost_parts(costs, plain)
+    # priced with the least time of each part, all of which every step of the cut ran one after another
+    assert report.ideal["total"] <= min(report.freezekern.step_s)
+    assert costs.block_recompute is not None and costs.block_weight_grad[:K] == (0.0,) * K
     # the cut's modeled step drops the frozen blocks' backward and recomputation: strictly cheaper
     assert report.ideal["backward"] < report.yours.modeled["backward"]
     assert report.ideal["recompute"] < report.yours.modeled["recompute"]
@@ -215,6 +218,17 @@ def test_report_round_trips_through_json(tmp_path, gc_profiled):
     table = profile_table(again)
     assert "block 6" in table and "reached*" in table and again.verdict in table
     assert plot_profile(again, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_comparison_the_missing_parts_come_from_isolated_timing():
+    model = prepare_setup(_model(), boundary=K, gradient_checkpointing=True)
+    alone = _quick(model, compare=False)
+    assert alone.freezekern is None and alone.time_ratio is None and alone.isolated_part_costs is None
+    assert any("counted as zero" in note for note in alone.notes)  # the cut's weight-only block K+1
+    priced = _quick(model, compare=False, isolated_parts=True)
+    isolated = part_costs_from_report(priced, isolated=True)
+    assert isolated is not None and any("priced from isolated timings" in note for note in priced.notes)
+    assert part_costs_from_report(priced).block_weight_grad[K] == isolated.block_weight_grad[K]
 
 
 def test_part_costs_follow_the_trainable_parameters():

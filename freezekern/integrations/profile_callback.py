@@ -19,8 +19,10 @@ applied (``FreezeKernCallback``), the setup is profiled as it is, and the
 verdict says why there is no comparison (``freezekern.profile`` outside the
 training run compares them anyway).
 
-After the profiled steps, the parts are timed once in isolation on the last
-training batch (``measure_parts=True``) for the analytic ideal. The verdict
+The analytic ideal is priced from the profiled steps' own part times
+(``freezekern.profile.step_part_costs``); ``isolated_parts=True`` also times
+each part alone on the last training batch for the parts the steps do not
+show (without a comparison: the cut's weight-only block). The verdict
 is printed on the main process and logged (``freezekern.profile`` logger); the
 report is written to ``<output_dir>/backward_profile.json`` and ``.png``
 (``backward_profile.rank<r>.json`` per rank under torch.distributed, where
@@ -59,18 +61,18 @@ class BackwardProfileCallback(TrainerCallback):
     """Profile ``steps`` real training steps per setup after ``warmup`` rounds; see the module docstring.
 
     ``compare``: alternate with freezekern's cut where that leaves the training
-    unchanged; ``measure_parts``: time the parts in isolation afterwards (the
-    ideal); ``output_dir``: where the report goes (default: the Trainer's).
+    unchanged; ``isolated_parts``: time the parts alone afterwards too;
+    ``output_dir``: where the report goes (default: the Trainer's).
     """
 
-    def __init__(self, steps: int = 4, warmup: int = 1, *, compare: bool = True, measure_parts: bool = True,
+    def __init__(self, steps: int = 4, warmup: int = 1, *, compare: bool = True, isolated_parts: bool = False,
                  repeats: int = 2, output_dir: str | None = None, print_verdict: bool = True):
         if steps < 2:
             raise ValueError(f"steps must be at least 2 (a median and an alternation need two), got {steps}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
         self.steps, self.warmup, self.compare = steps, warmup, compare
-        self.measure_parts, self.repeats = measure_parts, repeats
+        self.isolated_parts, self.repeats = isolated_parts, repeats
         self.output_dir, self.print_verdict = output_dir, print_verdict
         self.report: ProfileReport | None = None
         self.notes: list[str] = []
@@ -195,13 +197,13 @@ class BackwardProfileCallback(TrainerCallback):
         recorder, facts, k = self._recorder, self._facts, self._boundary
         self._cleanup()
         costs = None
-        if self.measure_parts and self._batch is not None and model is not None:
+        if self.isolated_parts and self._batch is not None and model is not None:
             try:
                 costs = measure_part_costs(model, self._batch, parts=self._parts, repeats=self.repeats)
             except (ValueError, RuntimeError, TypeError) as exc:
                 self.notes.append(f"per-part costs not measured: {exc}")
         report = assemble_report(
-            model, recorder, facts, k, self._timings, costs=costs, compared=self._compared,
+            model, recorder, facts, k, self._timings, isolated=costs, compared=self._compared,
             batch_shape=list(self._batch["input_ids"].shape) if self._batch is not None else [],
             warmup=self.warmup, memory_kind=self._memory.kind if self._memory is not None else "",
             notes=self.notes, descriptions=("the Trainer's setup", f"freezekern.apply(model, {k}) on alternate steps"))
