@@ -29,8 +29,12 @@ What is measured, with module and tensor hooks (``StepRecorder``), never inferre
   gradient further down.
 
 Timing: wall time (``time.perf_counter``) on the CPU, CUDA events on a GPU
-(resolved after one synchronisation at the end of each step). Peak memory per
-step: ``freezekern.profiling.PeakMemory``.
+(resolved after one synchronisation at the end of each step). Peak memory
+(``freezekern.profiling.PeakMemory``) is measured in the last warm-up round,
+not in the timed steps: on the CPU it hands freed heap pages back to the
+system first, and faulting them in again would slow the step it measures
+(with ``warmup=0`` the timed steps measure it, and the report says so). The
+optimizer's state is created before the first step, so no step pays for it.
 
 The analytic ideal is ``freezekern.cost.step_cost`` (the formula of the
 plan's cost model and of ``benchmarks/bench_step.py``) over per-part seconds
@@ -58,7 +62,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -824,8 +828,9 @@ def _minimum(values: list[float]) -> float:
 
 
 def summarise_steps(label: str, description: str, timings: list[StepTiming], names: list[str], hooked: list[bool],
-                    facts: SetupFacts) -> SetupProfile:
-    """Medians of a setup's measured steps and how far its backward reached (1-based blocks)."""
+                    facts: SetupFacts, peaks: list[int] | None = None) -> SetupProfile:
+    """Medians of a setup's measured steps and how far its backward reached (1-based blocks); ``peaks``: the
+    peak memory of its memory-measuring steps (default: what the timings carry)."""
     L = facts.num_layers
     trainable = [facts.embedding_trains] + [i in facts.blocks_trained for i in range(1, L + 1)] + \
         [facts.final_norm_trains, facts.head_trains]
@@ -851,7 +856,8 @@ def summarise_steps(label: str, description: str, timings: list[StepTiming], nam
     steps = [t.step_s for t in timings]
     step = _median(steps)
     forward, backward = _median([t.forward_s for t in timings]), _median([t.backward_s for t in timings])
-    peaks = [t.peak_memory_bytes for t in timings if t.peak_memory_bytes is not None]
+    if not peaks:
+        peaks = [t.peak_memory_bytes for t in timings if t.peak_memory_bytes is not None]
     return SetupProfile(
         label=label, description=description, step_s=steps, step_s_median=step, forward_s=forward,
         backward_s=backward, other_s=step - forward - backward,
@@ -1049,6 +1055,19 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
+def init_optimizer_state(optimizer) -> None:
+    """Create the optimizer's state now (one step on zero gradients), so that no measured step pays for it.
+
+    The step moves the parameters by at most weight decay x lr; ``profile`` restores them afterwards.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _train_step(model, batch, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     out = model(**batch, use_cache=False)
@@ -1125,26 +1144,31 @@ def profile(
     recorder = StepRecorder(model, parts, device)
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     timings: dict[str, list[StepTiming]] = {YOURS: [], CUT: []}
+    peaks: dict[str, list[int]] = {YOURS: [], CUT: []}
     labels = [YOURS, CUT] if compare else [YOURS]
     rounds = warmup + steps
     costs = None
-    memory_kind = ""
+    memory_kind = PeakMemory(device).kind
+    if warmup == 0:
+        notes.append("warmup=0: peak memory was measured in the timed steps, which it slows a little")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=rounds * len(labels), desc="profile", unit="step", disable=not progress)
     cut_handle = None
     try:
         model.train()
+        init_optimizer_state(optimizer)
         recorder.install()
         for r in range(rounds):
             order = labels if r % 2 == 0 else labels[::-1]
             batch = batches[r % len(batches)]
+            measure_memory = r == warmup - 1 or warmup == 0
             for label in order:
                 if label == CUT:
                     cut_handle = apply(model, k, train_head=facts.head_trains, train_final_norm=True, parts=parts,
                                        frozen_adapters="freeze")
                 try:
-                    with PeakMemory(device) as memory:
+                    with PeakMemory(device) if measure_memory else nullcontext() as memory:
                         recorder.begin_step()
                         _train_step(model, batch, optimizer)
                         timing = recorder.end_step()
@@ -1152,8 +1176,8 @@ def profile(
                     if cut_handle is not None:
                         cut_handle.remove()
                         cut_handle = None
-                memory_kind = memory.kind
-                timing.peak_memory_bytes = int(memory.peak_bytes)
+                if memory is not None:
+                    peaks[label].append(int(memory.peak_bytes))
                 if r >= warmup:
                     timings[label].append(timing)
                 bar.update(1)
@@ -1178,24 +1202,28 @@ def profile(
             p.grad = grad
         model.train(was_training)
 
-    return assemble_report(model, recorder, facts, k, timings, isolated=costs, compared=compare,
+    return assemble_report(model, recorder, facts, k, timings, peaks=peaks, isolated=costs, compared=compare,
                            batch_shape=list(batches[0]["input_ids"].shape), warmup=warmup, memory_kind=memory_kind,
                            notes=notes, model_id=model_id,
                            descriptions=("the model as given", f"freezekern.apply(model, {k}) for alternate steps"))
 
 
 def assemble_report(model: nn.Module, recorder: StepRecorder, facts: SetupFacts, boundary: int,
-                    timings: Mapping[str, list[StepTiming]], *, isolated: PartCosts | None, compared: bool,
+                    timings: Mapping[str, list[StepTiming]], *, peaks: Mapping[str, list[int]] | None = None,
+                    isolated: PartCosts | None, compared: bool,
                     batch_shape: list[int], warmup: int, memory_kind: str, notes: list[str],
                     model_id: str | None = None, descriptions: tuple[str, str] = ("", "")) -> ProfileReport:
     """The ProfileReport of measured steps (``timings[YOURS]``, ``timings[CUT]``), optionally isolated part costs."""
     k = boundary
-    yours = summarise_steps(YOURS, descriptions[0], timings[YOURS], recorder.names, recorder.hooked, facts)
+    peaks = peaks or {}
+    yours = summarise_steps(YOURS, descriptions[0], timings[YOURS], recorder.names, recorder.hooked, facts,
+                            peaks.get(YOURS))
     fk = None
     if compared and timings.get(CUT):
         cut_facts = SetupFacts(**{**asdict(facts), "embedding_trains": False,
                                   "blocks_trained": [b for b in facts.blocks_trained if b > k]})
-        fk = summarise_steps(CUT, descriptions[1], timings[CUT], recorder.names, recorder.hooked, cut_facts)
+        fk = summarise_steps(CUT, descriptions[1], timings[CUT], recorder.names, recorder.hooked, cut_facts,
+                             peaks.get(CUT))
     costs, cost_notes = step_part_costs(yours, fk, facts, k, isolated)
     plain_setup, cut_setup = cost_setups(facts, yours, k)
     yours.modeled = step_cost_parts(costs, plain_setup)

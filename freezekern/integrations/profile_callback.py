@@ -82,6 +82,8 @@ class BackwardProfileCallback(TrainerCallback):
         self._facts: SetupFacts | None = None
         self._boundary = 0
         self._timings: dict[str, list] = {YOURS: [], CUT: []}
+        self._peaks: dict[str, list[int]] = {YOURS: [], CUT: []}
+        self._memory_kind = ""
         self._handle = None
         self._memory: PeakMemory | None = None
         self._batch: dict | None = None
@@ -144,19 +146,24 @@ class BackwardProfileCallback(TrainerCallback):
 
             self._handle = apply(model, self._boundary, train_head=self._facts.head_trains, train_final_norm=True,
                                  parts=self._parts)
-        self._memory = PeakMemory(device_of(model)).__enter__()
+        label, counted = self._schedule[self._index]
+        # peak memory on the warm-up steps only: returning freed pages to the system would slow a timed step
+        self._memory = PeakMemory(device_of(model)).__enter__() if not counted or self.warmup == 0 else None
         self._recorder.begin_step()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._done or self._recorder is None or not self._recorder.recording:
             return
         timing = self._recorder.end_step()
-        self._memory.__exit__(None, None, None)
-        timing.peak_memory_bytes = int(self._memory.peak_bytes)
+        label, counted = self._schedule[self._index]
+        if self._memory is not None:
+            self._memory.__exit__(None, None, None)
+            self._peaks[label].append(int(self._memory.peak_bytes))
+            self._memory_kind = self._memory.kind
+            self._memory = None
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        label, counted = self._schedule[self._index]
         if counted:
             self._timings[label].append(timing)
         self._index += 1
@@ -167,6 +174,9 @@ class BackwardProfileCallback(TrainerCallback):
         if not self._done and self._started:
             if self._recorder is not None and self._recorder.recording:
                 self._recorder.end_step()
+            if self._memory is not None:
+                self._memory.__exit__(None, None, None)
+                self._memory = None
             if self._handle is not None:
                 self._handle.remove()
                 self._handle = None
@@ -203,9 +213,9 @@ class BackwardProfileCallback(TrainerCallback):
             except (ValueError, RuntimeError, TypeError) as exc:
                 self.notes.append(f"per-part costs not measured: {exc}")
         report = assemble_report(
-            model, recorder, facts, k, self._timings, isolated=costs, compared=self._compared,
+            model, recorder, facts, k, self._timings, peaks=self._peaks, isolated=costs, compared=self._compared,
             batch_shape=list(self._batch["input_ids"].shape) if self._batch is not None else [],
-            warmup=self.warmup, memory_kind=self._memory.kind if self._memory is not None else "",
+            warmup=self.warmup, memory_kind=self._memory_kind,
             notes=self.notes, descriptions=("the Trainer's setup", f"freezekern.apply(model, {k}) on alternate steps"))
         self.report = report
         self._write(args, state, report)
