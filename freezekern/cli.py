@@ -85,7 +85,8 @@ def _add_profile_parser(sub) -> None:
                         help="freeze the embeddings and blocks 1..K plainly (requires_grad_(False))")
     frozen.add_argument("--plan", help="freeze plainly what this plan.json freezes")
     profile.add_argument("--steps", type=int, default=4, help="measured steps per setup (at least 2; default 4)")
-    profile.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not counted (default 1)")
+    profile.add_argument("--warmup", type=int, default=2,
+                         help="untimed warm-up rounds, the last measures peak memory (default 2)")
     profile.add_argument("--layers", help="dotted path of the decoder block list when it is not found")
     profile.add_argument("--no-compare", action="store_true", help="profile your setup only, without the cut")
     profile.add_argument("--out", default="freezekern-profile", help="output folder (profile.json, profile.png)")

@@ -30,10 +30,12 @@ What is measured, with module and tensor hooks (``StepRecorder``), never inferre
 
 Timing: wall time (``time.perf_counter``) on the CPU, CUDA events on a GPU
 (resolved after one synchronisation at the end of each step). Peak memory
-(``freezekern.profiling.PeakMemory``) is measured in the last warm-up round,
-not in the timed steps: on the CPU it hands freed heap pages back to the
-system first, and faulting them in again would slow the step it measures
-(with ``warmup=0`` the timed steps measure it, and the report says so). The
+(``freezekern.profiling.PeakMemory``) is measured in the last warm-up round
+(the first step of a process carries one-time allocations, so the default
+is two warm-up rounds), not in the timed steps: on the CPU it hands freed
+heap pages back to the system first, and faulting them in again would slow
+the step it measures (with ``warmup=0`` the timed steps measure it, and the
+report says so). The
 optimizer's state is created before the first step, so no step pays for it.
 
 The analytic ideal is ``freezekern.cost.step_cost`` (the formula of the
@@ -1084,7 +1086,7 @@ def profile(
     *,
     boundary: int | None = None,
     steps: int = 4,
-    warmup: int = 1,
+    warmup: int = 2,
     compare: bool = True,
     parts: ModelParts | None = None,
     lr: float = 1e-5,
@@ -1099,7 +1101,8 @@ def profile(
     labels default to the inputs) or [B, T] LongTensors, used round-robin;
     both setups get the same batch in each round. ``boundary``: k for the
     cut (default: the number of leading blocks that train nothing).
-    ``warmup`` rounds are run first and not counted; ``compare=False``
+    ``warmup`` rounds are run first and not timed, the last of them measures
+    the peak memory; ``compare=False``
     profiles the user's setup only. ``parts``: the model's parts when
     ``discover`` cannot find them (``freezekern.discover(model, layers=...)``).
     ``isolated_parts``: also time each part alone (``measure_part_costs``,

@@ -3,7 +3,7 @@
     from freezekern.integrations.profile_callback import BackwardProfileCallback
 
     trainer = Trainer(..., callbacks=[BackwardProfileCallback(steps=4)])     # SFTTrainer, DPOTrainer alike
-    trainer.train()        # prints the verdict after 2 x (1 + 4) steps; callback.report holds the ProfileReport
+    trainer.train()        # prints the verdict after 2 x (2 + 4) steps; callback.report holds the ProfileReport
 
 The callback times the Trainer's own steps with ``freezekern.profile``'s
 hooks (``StepRecorder``): per block forward, recomputation and backward,
@@ -58,14 +58,15 @@ REPORT_FILE = "backward_profile"
 
 
 class BackwardProfileCallback(TrainerCallback):
-    """Profile ``steps`` real training steps per setup after ``warmup`` rounds; see the module docstring.
+    """Profile ``steps`` real training steps per setup after ``warmup`` rounds (the last of which measures the
+    peak memory); see the module docstring.
 
     ``compare``: alternate with freezekern's cut where that leaves the training
     unchanged; ``isolated_parts``: time the parts alone afterwards too;
     ``output_dir``: where the report goes (default: the Trainer's).
     """
 
-    def __init__(self, steps: int = 4, warmup: int = 1, *, compare: bool = True, isolated_parts: bool = False,
+    def __init__(self, steps: int = 4, warmup: int = 2, *, compare: bool = True, isolated_parts: bool = False,
                  repeats: int = 2, output_dir: str | None = None, print_verdict: bool = True):
         if steps < 2:
             raise ValueError(f"steps must be at least 2 (a median and an alternation need two), got {steps}")
@@ -114,6 +115,7 @@ class BackwardProfileCallback(TrainerCallback):
                               "e.g. the embeddings): your setup is profiled alone; freezekern.profile() compares "
                               "both outside the training run")
         labels = [YOURS, CUT] if compare else [YOURS]
+        self._labels = labels
         self._compared = compare
         for r in range(self.warmup + self.steps):
             for label in (labels if r % 2 == 0 else labels[::-1]):
@@ -147,8 +149,10 @@ class BackwardProfileCallback(TrainerCallback):
             self._handle = apply(model, self._boundary, train_head=self._facts.head_trains, train_final_norm=True,
                                  parts=self._parts)
         label, counted = self._schedule[self._index]
-        # peak memory on the warm-up steps only: returning freed pages to the system would slow a timed step
-        self._memory = PeakMemory(device_of(model)).__enter__() if not counted or self.warmup == 0 else None
+        # peak memory in the last warm-up round only (the first steps carry one-time allocations, and returning
+        # freed pages to the system would slow a timed step)
+        last_warmup = not counted and self._index >= (self.warmup - 1) * len(self._labels)
+        self._memory = PeakMemory(device_of(model)).__enter__() if last_warmup or self.warmup == 0 else None
         self._recorder.begin_step()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
