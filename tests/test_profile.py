@@ -206,6 +206,17 @@ def test_trained_embeddings_pull_the_backward_down_and_are_noted():
     assert any("trains the input embedding" in note for note in report.notes)
 
 
+def test_full_fine_tuning_of_a_tied_model():
+    model = _model(tie=True)  # everything trains, the input embedding and the head are one matrix
+    report = _quick(model)
+    assert report.boundary == 0 and report.tied
+    assert report.yours.lowest_trainable == 0 and report.yours.lowest_reached == 0
+    assert report.freezekern.lowest_reached == 1  # the cut at 0: the lookup runs graph-free
+    assert report.freezekern.parts[-1].trainable  # the tied head still trains, through its output use
+    assert any("tied input/output embedding" in note for note in report.notes)
+    assert any("trains the input embedding" in note for note in report.notes)
+
+
 def test_report_round_trips_through_json(tmp_path, gc_profiled):
     from freezekern.report import plot_profile, profile_table
 
