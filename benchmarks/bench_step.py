@@ -28,7 +28,7 @@ with malloc_trim), the analytic ideal step of the variant's trainable set
 use: every forward, the recomputation of the checkpointed trained blocks,
 the backward of the trained parts only, the LM head's included) over
 per-part seconds measured once per config with
-``freezekern.profile.measure_part_costs`` (FREEZEKERN_BENCH_PARTS=0: over
+``freezekern.part_costs.measure_part_costs`` (FREEZEKERN_BENCH_PARTS=0: over
 ``flop_costs`` FLOPs scaled to the full step instead), and the ratios the
 project tracks. A summary table is printed at the end (use ``-s``) and
 written to FREEZEKERN_BENCH_SUMMARY when that is set. Nothing is asserted
@@ -49,8 +49,8 @@ import torch
 
 from freezekern import analyze, discover, tiny_model
 from freezekern.cost import StepSetup, flop_costs, full_finetuning, step_cost, step_fraction
+from freezekern.part_costs import measure_part_costs
 from freezekern.policy import plan as make_plan
-from freezekern.profile import measure_part_costs
 from freezekern.profiling import PeakMemory, release_memory
 from freezekern.truncate import apply, trainable_parameters
 

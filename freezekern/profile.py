@@ -13,44 +13,37 @@ train): ``freezekern.truncate.apply(model, k)``, removed again after each of
 its steps. The model's parameters, flags and gradients are restored at the
 end; nothing it does outlives the call.
 
-What is measured, with module and tensor hooks (``StepRecorder``), never inferred:
+What is measured, with module and tensor hooks (``freezekern.step_timing``),
+never inferred: the forward of the embedding, every block, the final norm,
+the LM head and the loss; the recomputation of checkpointed blocks; each
+part's backward and whether it ran at all (a block is *reached* when a
+gradient arrived at its output). Wall time on the CPU, CUDA events on a GPU.
 
-* forward time of the embedding, every block, the final norm and the LM head
-  (forward pre-/post-hooks), and of the loss (the model's call after the head);
-* recomputation under activation checkpointing: the calls of a block's
-  direct children outside the block's own forward (checkpointing replays the
-  block's ``forward``, which calls its children again in the backward);
-* backward: the gradient reaching a part's output (a hook on that tensor) is
-  the start of the part's backward, which lasts until the next part's starts
-  (the engine runs one part after another, top down) or the backward ends.
-  A block is *reached* when its backward ran, i.e. a gradient arrived at its
-  output; its recomputation, measured separately, is taken out of its
-  backward time. Hooks on the input tensors tell whether a block passed a
-  gradient further down.
-
-Timing: wall time (``time.perf_counter``) on the CPU, CUDA events on a GPU
-(resolved after one synchronisation at the end of each step). Peak memory
-(``freezekern.profiling.PeakMemory``) is measured in the last warm-up round
-(the first step of a process carries one-time allocations, so the default
-is two warm-up rounds), not in the timed steps: on the CPU it hands freed
-heap pages back to the system first, and faulting them in again would slow
-the step it measures (with ``warmup=0`` the timed steps measure it, and the
-report says so). The
-optimizer's state is created before the first step, so no step pays for it.
+Peak memory (``freezekern.profiling.PeakMemory``) is measured in the last
+warm-up round (the first step of a process carries one-time allocations, so
+the default is two warm-up rounds), not in the timed steps: on the CPU it
+hands freed heap pages back to the system first, and faulting them in again
+would slow the step it measures (with ``warmup=0`` the timed steps measure
+it, and the report says so). The optimizer's state is created before the
+first step, so no step pays for it.
 
 The analytic ideal is ``freezekern.cost.step_cost`` (the formula of the
 plan's cost model and of ``benchmarks/bench_step.py``) over per-part seconds
 read from these same hooks (``step_part_costs``), for the cut's setup: every
 forward, the recomputation of the checkpointed trained blocks, and the
 backward of the trained parts only (the LM head's input gradient, its weight
-gradient when it trains, the loss). Each part's cost is the smaller of the
+gradient when it trains, the loss). Each part's cost is the least over the
 two setups' measured steps (the same alternating steps), so the ideal is a
 lower bound of every step of the cut (each of them ran all of these parts,
 one after another) and of any step that trains the same parameters: it
-leaves out the final norm, the optimizer and everything between parts. Parts no step ran
-(the cut's weight-only backward of block k+1 when there is no comparison)
-come from ``measure_part_costs``, which times each part alone, when that is
-asked for (``isolated_parts=True``), else count zero.
+leaves out the final norm, the optimizer and everything between parts.
+Parts no step ran (the cut's weight-only backward of block k+1 when there is
+no comparison) come from ``freezekern.part_costs.measure_part_costs``, which
+times each part alone, when that is asked for (``isolated_parts=True``), else
+count zero.
+
+``freezekern.profile`` (the package attribute) is the function; import the
+module's other names with ``from freezekern.profile import ...``.
 
 With torch.distributed every rank profiles its own steps (the report names
 the rank); nothing here is collective.
@@ -62,592 +55,31 @@ import functools
 import logging
 import math
 import statistics
-import time
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
-from freezekern.adapters import ModelParts, block_output_hidden, discover
+from freezekern.adapters import ModelParts, discover
 from freezekern.cost import PartCosts, StepSetup, step_cost_parts
 from freezekern.io import JsonRecord
+from freezekern.part_costs import as_batch, measure_part_costs, trainable_of
 from freezekern.profiling import PeakMemory
-from freezekern.training import BATCH_KEYS, device_of
+from freezekern.step_timing import StepRecorder, StepTiming, analyse_timeline, input_embedding, output_loss
+from freezekern.training import device_of
 from freezekern.truncate import active_handle, apply
+
+__all__ = ["CUT", "YOURS", "PartRow", "ProfileReport", "SetupFacts", "SetupProfile", "StepRecorder", "StepTiming",
+           "analyse_timeline", "assemble_report", "cost_setups", "describe_setup", "input_embedding",
+           "measure_part_costs", "part_costs_from_report", "profile", "step_part_costs", "summarise_steps",
+           "verdict"]
 
 logger = logging.getLogger("freezekern.profile")
 
 YOURS = "your setup"
 CUT = "freezekern cut"
-
-
-# -- clocks -----------------------------------------------------------------------------------
-
-class _Clock:
-    """Marks on a timeline: perf_counter floats on the CPU, CUDA events (in stream order) on a GPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.kind = "cuda_events" if self.cuda else "wall"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def resolve(self, marks: list) -> list[float]:
-        """Seconds of each mark after the first one (synchronises the GPU first)."""
-        if not marks:
-            return []
-        if self.cuda:
-            torch.cuda.synchronize()
-            first = marks[0]
-            return [first.elapsed_time(m) / 1000.0 for m in marks]
-        first = marks[0]
-        return [m - first for m in marks]
-
-    def now(self) -> float:
-        """Wall time after the device finished its queued work (for isolated measurements)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
-# -- the timeline of one step ------------------------------------------------------------------
-
-@dataclass
-class StepTiming:
-    """One step's measured times in seconds; per-part lists are indexed like ``StepRecorder.names``."""
-
-    step_s: float
-    forward_s: float
-    backward_s: float
-    loss_forward_s: float | None
-    loss_backward_s: float | None
-    part_forward: list[float]
-    part_recompute: list[float]
-    part_backward: list[float]
-    reached: list[bool]
-    input_grad: list[bool]
-    peak_memory_bytes: int | None = None
-
-
-def analyse_timeline(events: list[tuple[str, int, float]], num_parts: int, head: int | None) -> StepTiming:
-    """Turn the resolved events of one step into per-part forward, recompute and backward times.
-
-    ``events``: (kind, part index, seconds) in the order they were recorded
-    (see ``StepRecorder``); ``head``: the part index of the LM head (the loss
-    forward is the model call's time after the head returned).
-    """
-    forward = [0.0] * num_parts
-    recompute = [0.0] * num_parts
-    backward = [0.0] * num_parts
-    reached = [False] * num_parts
-    input_grad = [False] * num_parts
-    open_forward: list[list[float]] = [[] for _ in range(num_parts)]
-    child_depth = [0] * num_parts
-    child_start = [0.0] * num_parts
-    calls: list[list] = []  # [start, last head end] per open model call
-    forward_total = backward_total = 0.0
-    loss_forward = loss_backward = 0.0
-    loss_forward_seen = loss_backward_seen = False
-    step_start = step_end = None
-    segments: list[tuple[int, float]] | None = None  # (part or -1 for the loss, start) of the open pass
-    pass_start = 0.0
-    for kind, part, t in events:
-        if kind == "step_start":
-            step_start = t
-        elif kind == "step_end":
-            step_end = t
-        elif kind == "model_start":
-            calls.append([t, None])
-        elif kind == "model_end":
-            if calls:
-                start, head_end = calls.pop()
-                forward_total += t - start
-                if head_end is not None:
-                    loss_forward += t - head_end
-                    loss_forward_seen = True
-        elif kind == "fwd_start":
-            open_forward[part].append(t)
-        elif kind == "fwd_end":
-            if open_forward[part]:
-                forward[part] += t - open_forward[part].pop()
-                if part == head and calls:
-                    calls[-1][1] = t
-        elif kind == "child_start":
-            if not open_forward[part]:
-                if child_depth[part] == 0:
-                    child_start[part] = t
-                child_depth[part] += 1
-        elif kind == "child_end":
-            if not open_forward[part] and child_depth[part] > 0:
-                child_depth[part] -= 1
-                if child_depth[part] == 0:
-                    recompute[part] += t - child_start[part]
-        elif kind == "bwd_begin":
-            segments, pass_start = [(-1, t)], t
-        elif kind == "loss_grad":
-            loss_backward_seen = True
-        elif kind == "grad_out":
-            reached[part] = True
-            if segments is not None:
-                segments.append((part, t))
-        elif kind == "grad_in":
-            input_grad[part] = True
-        elif kind == "bwd_end" and segments is not None:
-            backward_total += t - pass_start
-            ends = [start for _, start in segments[1:]] + [t]
-            for (owner, start), end in zip(segments, ends):
-                if owner < 0:
-                    loss_backward += end - start
-                else:
-                    backward[owner] += end - start
-            segments = None
-    backward = [max(0.0, b - r) for b, r in zip(backward, recompute)]
-    step = (step_end - step_start) if step_start is not None and step_end is not None else math.nan
-    return StepTiming(step_s=step, forward_s=forward_total, backward_s=backward_total,
-                      loss_forward_s=loss_forward if loss_forward_seen else None,
-                      loss_backward_s=loss_backward if loss_backward_seen else None,
-                      part_forward=forward, part_recompute=recompute, part_backward=backward,
-                      reached=reached, input_grad=input_grad)
-
-
-def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    value = kwargs.get("hidden_states")
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _output_tensor(out) -> torch.Tensor | None:
-    if out is None:
-        return None
-    try:
-        return block_output_hidden(out)
-    except TypeError:
-        return None
-
-
-def _output_loss(out) -> torch.Tensor | None:
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
-    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) \
-            and out[0].dim() == 0:
-        loss = out[0]
-    return loss if isinstance(loss, torch.Tensor) else None
-
-
-def input_embedding(model: nn.Module) -> nn.Module | None:
-    """The model's input embedding module (through a PEFT wrapper), or None."""
-    get = getattr(model, "get_input_embeddings", None)
-    if get is None:
-        return None
-    try:
-        return get()
-    except (NotImplementedError, AttributeError):
-        return None
-
-
-class StepRecorder:
-    """Hooks that time the parts of a model, one step at a time.
-
-    Parts, in ``names`` order: the input embedding, blocks 1..L, the final
-    norm and the LM head. ``install()`` registers the hooks (forward pre/post
-    hooks on every part and on each block's direct children, a hook on the
-    model call, post-accumulate hooks on the parameters that require grad now);
-    ``begin_step()`` / ``end_step()`` bracket one optimizer step (any number
-    of forwards and backwards in between, e.g. gradient accumulation or a
-    reference-model forward) and return its ``StepTiming``; ``remove()``
-    takes every hook away. Hooks record only between ``begin_step`` and
-    ``end_step``; tensor hooks never change a gradient.
-    """
-
-    def __init__(self, model: nn.Module, parts: ModelParts | None = None, device=None):
-        self.model = model
-        self.parts = parts or discover(model)
-        self.device = torch.device(device) if device is not None else device_of(model)
-        self.clock = _Clock(self.device)
-        L = self.parts.num_layers
-        self.names = ["embedding", *(f"block {i}" for i in range(1, L + 1)), "final norm", "lm_head"]
-        self.head_index = L + 2
-        self.norm_index = L + 1
-        self._modules: list[nn.Module | None] = [input_embedding(model), *self.parts.blocks,
-                                                  self.parts.final_norm, self.parts.lm_head]
-        self._handles: list = []
-        self._events: list[tuple[str, int, object]] = []
-        self.recording = False
-        self._pass_open = False
-        self.installed = False
-
-    @property
-    def hooked(self) -> list[bool]:
-        """Which parts exist and carry hooks."""
-        return [m is not None for m in self._modules]
-
-    # -- hooks ------------------------------------------------------------------------------
-    def _mark(self, kind: str, part: int = -1) -> None:
-        if self.recording:
-            self._events.append((kind, part, self.clock.mark()))
-
-    def _backward_mark(self, kind: str, part: int = -1) -> None:
-        if not self.recording:
-            return
-        if not self._pass_open:
-            self._pass_open = True
-            self._events.append(("bwd_begin", -1, self.clock.mark()))
-            torch.autograd.Variable._execution_engine.queue_callback(self._close_pass)
-        self._events.append((kind, part, self.clock.mark()))
-
-    def _close_pass(self) -> None:
-        if self._pass_open:
-            self._pass_open = False
-            if self.recording:
-                self._events.append(("bwd_end", -1, self.clock.mark()))
-
-    def _tensor_hook(self, kind: str, part: int):
-        def hook(grad):
-            self._backward_mark(kind, part)
-
-        return hook
-
-    def _watch(self, tensor: torch.Tensor | None, kind: str, part: int) -> None:
-        if self.recording and torch.is_grad_enabled() and isinstance(tensor, torch.Tensor) \
-                and tensor.requires_grad:
-            tensor.register_hook(self._tensor_hook(kind, part))
-
-    def _part_hooks(self, index: int, module: nn.Module) -> None:
-        def before(mod, args):
-            self._mark("fwd_start", index)
-
-        def after(mod, args, kwargs, out):
-            self._mark("fwd_end", index)
-            if not self.recording:
-                return
-            self._watch(_output_tensor(out), "grad_out", index)
-            if index != 0:  # the embedding's input is token ids
-                self._watch(_hidden_input(args, kwargs), "grad_in", index)
-
-        self._handles.append(module.register_forward_pre_hook(before))
-        self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
-
-    def _child_hooks(self, index: int, block: nn.Module) -> None:
-        def before(mod, args):
-            self._mark("child_start", index)
-
-        def after(mod, args, out):
-            self._mark("child_end", index)
-
-        for child in block.children():
-            self._handles.append(child.register_forward_pre_hook(before))
-            self._handles.append(child.register_forward_hook(after, always_call=True))
-
-    def _param_hooks(self) -> None:
-        owners: dict[int, set[int]] = {}
-        for index, module in enumerate(self._modules):
-            if module is None:
-                continue
-            for p in module.parameters():
-                owners.setdefault(id(p), set()).add(index)
-        for p in self.model.parameters():
-            if not p.requires_grad:
-                continue
-            parts = owners.get(id(p), set())
-            index = next(iter(parts)) if len(parts) == 1 else -1
-
-            def hook(param, index=index):
-                self._backward_mark("param", index)
-
-            self._handles.append(p.register_post_accumulate_grad_hook(hook))
-
-    def install(self) -> StepRecorder:
-        if self.installed:
-            return self
-        for index, module in enumerate(self._modules):
-            if module is not None:
-                self._part_hooks(index, module)
-        for i, block in enumerate(self.parts.blocks, start=1):
-            self._child_hooks(i, block)
-
-        def call_start(mod, args):
-            self._mark("model_start")
-
-        def call_end(mod, args, out):
-            self._mark("model_end")
-            if self.recording and torch.is_grad_enabled():
-                loss = _output_loss(out)
-                if loss is not None and loss.requires_grad:
-                    loss.register_hook(lambda grad: self._backward_mark("loss_grad"))
-
-        self._handles.append(self.model.register_forward_pre_hook(call_start))
-        self._handles.append(self.model.register_forward_hook(call_end, always_call=True))
-        self._param_hooks()
-        self.installed = True
-        return self
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.recording = False
-        self.installed = False
-
-    # -- steps ------------------------------------------------------------------------------
-    def begin_step(self) -> None:
-        self._events = []
-        self._pass_open = False
-        self.recording = True
-        self._mark("step_start")
-
-    def end_step(self) -> StepTiming:
-        self._mark("step_end")
-        self.recording = False
-        self._pass_open = False
-        events, self._events = self._events, []
-        seconds = self.clock.resolve([mark for _, _, mark in events])
-        resolved = [(kind, part, t) for (kind, part, _), t in zip(events, seconds)]
-        return analyse_timeline(resolved, len(self.names), self.head_index)
-
-
-# -- per-part costs in isolation -----------------------------------------------------------------
-
-@contextmanager
-def _uncheckpointed(block: nn.Module):
-    """The block without activation checkpointing (for isolated timing), restored afterwards."""
-    inner = getattr(block, "_checkpoint_wrapped_module", None)  # torch.distributed CheckpointWrapper
-    if inner is not None:
-        yield inner
-        return
-    if not getattr(block, "gradient_checkpointing", False):
-        yield block
-        return
-    had_own = "gradient_checkpointing" in block.__dict__
-    previous = block.__dict__.get("gradient_checkpointing")
-    block.gradient_checkpointing = False
-    try:
-        yield block
-    finally:
-        if had_own:
-            block.gradient_checkpointing = previous
-        else:
-            del block.__dict__["gradient_checkpointing"]
-
-
-class _Captured:
-    """The call arguments of one part with its hidden-state input taken out (to be filled in later)."""
-
-    def __init__(self, args: tuple, kwargs: dict):
-        self.in_args = bool(args) and isinstance(args[0], torch.Tensor)
-        self.hidden = args[0] if self.in_args else kwargs.get("hidden_states")
-        self.args = args[1:] if self.in_args else args
-        self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states" or self.in_args}
-
-    def call(self, module: nn.Module, hidden: torch.Tensor):
-        if self.in_args:
-            return module(hidden, *self.args, **self.kwargs)
-        return module(*self.args, hidden_states=hidden, **self.kwargs)
-
-
-def _capture(model: nn.Module, parts: ModelParts, batch: dict) -> dict:
-    """One graph-free forward that records the inputs of the embedding, each block, the norm and the head."""
-    captured: dict = {}
-    hooks = []
-    embedding = input_embedding(model)
-
-    def keep(name, keep_hidden):
-        def hook(module, args, kwargs):
-            if name not in captured:
-                entry = _Captured(args, kwargs)
-                if not keep_hidden:
-                    entry.hidden = None
-                captured[name] = entry
-
-        return hook
-
-    try:
-        if embedding is not None:
-            hooks.append(embedding.register_forward_pre_hook(keep("embedding", True), with_kwargs=True))
-        for i, block in enumerate(parts.blocks):
-            hooks.append(block.register_forward_pre_hook(keep(i, i == 0), with_kwargs=True))
-        if parts.final_norm is not None:
-            hooks.append(parts.final_norm.register_forward_pre_hook(keep("norm", False), with_kwargs=True))
-        hooks.append(parts.lm_head.register_forward_pre_hook(keep("head", False), with_kwargs=True))
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    missing = [i + 1 for i in range(parts.num_layers) if i not in captured]
-    if missing or "head" not in captured or captured[0].hidden is None:
-        raise RuntimeError(
-            f"the forward of {type(model).__name__} did not call {'block(s) ' + str(missing) if missing else 'its LM head'}"
-            " through their module call with the hidden state as input; per-part costs cannot be measured"
-        )
-    return captured
-
-
-def _loss_function(model: nn.Module):
-    hf_loss = getattr(model, "loss_function", None)
-
-    def loss(logits, labels):
-        if callable(hf_loss):
-            return hf_loss(logits=logits, labels=labels, vocab_size=logits.shape[-1])
-        shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        return nn.functional.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100)
-
-    return loss
-
-
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def _grad_costs(clock: _Clock, output: torch.Tensor, hidden: torch.Tensor | None, params: list) -> tuple[float, float]:
-    """(backward with the input and the module's own parameter gradients, with the parameter gradients only)."""
-    seed = torch.full_like(output, 1e-3)
-    wanted = ([hidden] if hidden is not None else []) + params
-    both = weights = 0.0
-    if wanted:
-        start = clock.now()
-        torch.autograd.grad(output, wanted, seed, retain_graph=True, allow_unused=True)
-        both = clock.now() - start
-    if params:
-        start = clock.now()
-        torch.autograd.grad(output, params, seed, retain_graph=True, allow_unused=True)
-        weights = clock.now() - start
-    return both, weights
-
-
-def measure_part_costs(model: nn.Module, batch: Mapping, *, parts: ModelParts | None = None,
-                       repeats: int = 3) -> PartCosts:
-    """Seconds per part of one step on ``batch``, each part timed alone (best of ``repeats``).
-
-    For every block: its forward (the faster of with and without autograd),
-    the backward that computes the gradient of its input and of its trainable
-    parameters (``both``) and the one for its trainable parameters only
-    (``weights``): ``block_weight_grad = weights`` and ``block_input_grad =
-    both - weights`` (a block without trainable parameters: ``both``), so that
-    ``freezekern.cost.step_cost`` prices a frozen block the backward passes
-    through, a trained one, and the lowest trained block under a cut each by
-    its own measurement. The same for the LM head (on the final norm's
-    output); the embedding's forward and, when it trains, its weight gradient;
-    the loss's forward and backward. Gradients are taken with
-    ``torch.autograd.grad`` (nothing is accumulated into ``.grad``), blocks run
-    without activation checkpointing, and the parameters' flags are the
-    model's own: a frozen part has no weight gradient to price.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    handle = active_handle(model)
-    if handle is not None and handle.active and handle.cut:
-        raise ValueError("a freeze plan is applied to this model: its frozen prefix runs graph-free and cannot be "
-                         "priced; measure the part costs before freezekern.apply (or after handle.remove())")
-    parts = parts or discover(model)
-    device = device_of(model)
-    clock = _Clock(device)
-    batch = _as_batch(batch, device)
-    captured = _capture(model, parts, batch)
-    best = min
-
-    embedding = input_embedding(model)
-    embedding_forward = embedding_grad = 0.0
-    if embedding is not None and "embedding" in captured:
-        entry = captured["embedding"]
-        args = ((entry.hidden,) + entry.args) if entry.in_args else entry.args
-        times, grads = [], []
-        params = _trainable(embedding)
-        for _ in range(repeats):
-            start = clock.now()
-            with torch.no_grad():
-                embedding(*args, **entry.kwargs)
-            times.append(clock.now() - start)
-            if params:
-                out = embedding(*args, **entry.kwargs)
-                start = clock.now()
-                torch.autograd.grad(out, params, torch.full_like(out, 1e-3), allow_unused=True)
-                grads.append(clock.now() - start)
-        embedding_forward = best(times)
-        embedding_grad = best(grads) if grads else 0.0
-
-    block_forward, block_input, block_weight = [], [], []
-    hidden = captured[0].hidden.detach()
-    for i, block in enumerate(parts.blocks):
-        entry = captured[i]
-        params = _trainable(block)
-        forwards, boths, weights = [], [], []
-        with _uncheckpointed(block) as runnable:
-            for _ in range(repeats):
-                start = clock.now()
-                with torch.no_grad():
-                    entry.call(runnable, hidden)
-                forwards.append(clock.now() - start)
-                x = hidden.detach().requires_grad_(True)
-                start = clock.now()
-                out = _output_tensor(entry.call(runnable, x))
-                forwards.append(clock.now() - start)
-                if out is None or out.grad_fn is None:
-                    raise RuntimeError(f"block {i + 1} ({type(block).__name__}) built no autograd graph in isolation; "
-                                       "its backward cannot be priced")
-                both, weight = _grad_costs(clock, out, x, params)
-                boths.append(both)
-                weights.append(weight)
-        block_forward.append(best(forwards))
-        weight = best(weights) if params else 0.0
-        block_weight.append(weight)
-        block_input.append(max(0.0, best(boths) - weight))
-        hidden = out.detach()
-        del out, x
-
-    if parts.final_norm is not None:
-        with torch.no_grad():
-            normed = captured["norm"].call(parts.final_norm, hidden) if "norm" in captured \
-                else parts.final_norm(hidden)
-    else:
-        normed = hidden
-    head_entry = captured["head"]
-    head_params = _trainable(parts.lm_head)
-    loss_fn = _loss_function(model)
-    labels = batch.get("labels", batch["input_ids"])
-    head_times, head_both, head_weight, loss_times, loss_grads = [], [], [], [], []
-    for _ in range(repeats):
-        start = clock.now()
-        with torch.no_grad():
-            head_entry.call(parts.lm_head, normed)
-        head_times.append(clock.now() - start)
-        x = normed.detach().requires_grad_(True)
-        start = clock.now()
-        logits = head_entry.call(parts.lm_head, x)
-        head_times.append(clock.now() - start)
-        both, weight = _grad_costs(clock, logits, x, head_params)
-        head_both.append(both)
-        head_weight.append(weight)
-        z = logits.detach().requires_grad_(True)
-        del logits, x
-        start = clock.now()
-        loss = loss_fn(z, labels)
-        loss_times.append(clock.now() - start)
-        start = clock.now()
-        torch.autograd.grad(loss, [z])
-        loss_grads.append(clock.now() - start)
-        del z, loss
-    weight = best(head_weight) if head_params else 0.0
-    return PartCosts(
-        block_forward=tuple(block_forward),
-        block_input_grad=tuple(block_input),
-        block_weight_grad=tuple(block_weight),
-        head_forward=best(head_times),
-        head_input_grad=max(0.0, best(head_both) - weight),
-        head_weight_grad=weight,
-        embedding_forward=embedding_forward,
-        embedding_grad=embedding_grad,
-        loss=best(loss_times),
-        loss_backward=best(loss_grads),
-    )
 
 
 # -- what a setup trains ------------------------------------------------------------------------
@@ -708,10 +140,10 @@ def describe_setup(model: nn.Module, parts: ModelParts | None = None) -> SetupFa
     lora = any("lora_" in name for name, _ in model.named_parameters())
     return SetupFacts(
         num_layers=parts.num_layers,
-        embedding_trains=embedding is not None and bool(_trainable(embedding)),
-        blocks_trained=[i + 1 for i, b in enumerate(parts.blocks) if _trainable(b)],
-        final_norm_trains=parts.final_norm is not None and bool(_trainable(parts.final_norm)),
-        head_trains=bool(_trainable(parts.lm_head)),
+        embedding_trains=embedding is not None and bool(trainable_of(embedding)),
+        blocks_trained=[i + 1 for i, b in enumerate(parts.blocks) if trainable_of(b)],
+        final_norm_trains=parts.final_norm is not None and bool(trainable_of(parts.final_norm)),
+        head_trains=bool(trainable_of(parts.lm_head)),
         tied=parts.tied,
         checkpointing=_checkpointing_kind(parts.blocks[0]),
         input_grads_forced=forced,
@@ -1039,16 +471,6 @@ def step_part_costs(yours: SetupProfile, cut: SetupProfile | None, facts: SetupF
 
 # -- the profile ------------------------------------------------------------------------------
 
-def _as_batch(batch, device) -> dict:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    out = {k: v.to(device) for k, v in batch.items() if k in BATCH_KEYS and isinstance(v, torch.Tensor)}
-    if "input_ids" not in out:
-        raise ValueError("each batch needs input_ids (a [B, T] LongTensor, or a dict with input_ids)")
-    out.setdefault("labels", out["input_ids"])
-    return out
-
-
 def _rank() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -1073,7 +495,7 @@ def init_optimizer_state(optimizer) -> None:
 def _train_step(model, batch, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     out = model(**batch, use_cache=False)
-    loss = _output_loss(out)
+    loss = output_loss(out)
     if loss is None:
         raise ValueError(f"{type(model).__name__} returned no loss for a batch with labels")
     loss.backward()
@@ -1120,7 +542,7 @@ def profile(
                          "(handle.remove()): profile compares your setup with freezekern's cut itself")
     parts = parts or discover(model)
     device = device_of(model)
-    batches = [_as_batch(b, device) for b in batches]
+    batches = [as_batch(b, device) for b in batches]
     if not batches:
         raise ValueError("profile needs at least one batch")
     facts = describe_setup(model, parts)
