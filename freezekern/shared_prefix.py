@@ -121,6 +121,10 @@ class _Port:
     def detached(self) -> None:
         self.hub._port_detached(self)
 
+    def moved(self, handle: FreezeHandle) -> None:
+        """The policy's boundary moved (``move_boundary``): the reference's prefix no longer matches; stop."""
+        self.hub._boundary_moved(handle)
+
 
 class SharedPrefix:
     """Serve one model's boundary state to the other model's (or its own) next forward on the same inputs.
@@ -285,6 +289,12 @@ class SharedPrefix:
             self._ports.remove(port)
         if not self._ports:
             self._states.clear()
+
+    def _boundary_moved(self, handle: FreezeHandle) -> None:
+        self._disabled = f"the boundary moved to {handle.boundary}"
+        logger.warning("shared prefix stopped: the boundary moved to %d (attach a new SharedPrefix to share again)",
+                       handle.boundary)
+        self.detach()
 
     # -- lifetime ---------------------------------------------------------------------------------
     def detach(self) -> None:

@@ -248,6 +248,18 @@ def test_changed_reference_weights_switch_sharing_off_and_dropout_is_never_share
     shared.detach()
 
 
+def test_a_moved_boundary_stops_sharing(tokenizer):
+    from freezekern.truncate import move_boundary
+
+    policy, handle, reference = _policy_and_reference(tokenizer)
+    shared = SharedPrefix(handle, reference=reference)
+    moved = move_boundary(handle, K + 1)
+    assert not shared.active and moved.boundary_source is None and active_handle(reference) is None
+    with torch.no_grad():
+        expected = copy.deepcopy(reference)(**_batch(), use_cache=False).logits
+        assert torch.equal(reference(**_batch(), use_cache=False).logits, expected)
+
+
 def test_shared_prefix_callback_needs_a_plan(tokenizer, tmp_path):
     from freezekern.integrations.preference import SharedPrefixCallback
 
