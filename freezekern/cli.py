@@ -89,6 +89,8 @@ def _add_profile_parser(sub) -> None:
                          help="untimed warm-up rounds, the last measures peak memory (default 2)")
     profile.add_argument("--layers", help="dotted path of the decoder block list when it is not found")
     profile.add_argument("--no-compare", action="store_true", help="profile your setup only, without the cut")
+    profile.add_argument("--threads", type=int, default=None,
+                         help="CPU threads for torch (default: torch's; 1 is steadier on a machine shared with other jobs)")
     profile.add_argument("--out", default="freezekern-profile", help="output folder (profile.json, profile.png)")
 
 

@@ -759,6 +759,8 @@ def check_profile_args(args) -> None:
         raise ValueError(f"--freeze must be >= 0, got {args.freeze}")
     if args.lora_r < 1:
         raise ValueError(f"--lora-r must be positive, got {args.lora_r}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.plan is not None:
         from pathlib import Path
 
@@ -779,6 +781,8 @@ def profile_command(args, model, tokenizer) -> ProfileReport:
     from freezekern.policy import FreezePlan
     from freezekern.report import plot_profile, profile_table
 
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
     parts = discover_for_command_line(model, args.layers)
     plan = FreezePlan.load(args.plan) if args.plan else None
     if args.freeze is not None and args.freeze > parts.num_layers:

@@ -331,6 +331,7 @@ def test_cli_profile_writes_table_json_and_png(tiny_dir, tmp_path, capsys):
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--plan", "/nonexistent/plan.json"], "plan file /nonexistent/plan.json does not exist"),
     (["--freeze", "-2"], "--freeze must be >= 0"),
+    (["--threads", "0"], "--threads must be positive"),
 ])
 def test_cli_profile_refuses_bad_arguments_before_loading(monkeypatch, tmp_path, capsys, argv, message):
     import freezekern.cli as cli
