@@ -28,7 +28,7 @@ median), GFLOP/s (2 N D V per logit-lens call), achieved bytes/s (cosine: h
 read + distinct basis rows read + targets + output; ``..._gathered`` counts a
 basis row per counted row instead, the traffic when the basis outgrows the
 cache), the fraction of the ceiling, the speed-up over the reference, and the peak memory above the
-starting point (CPU: RSS sampled every 0.5 ms in a thread after malloc_trim;
+starting point (CPU: the peak-RSS counter VmHWM after malloc_trim, ``PeakMemory``;
 CUDA: max_memory_allocated above the allocation before the call). Nothing is
 asserted about time.
 """

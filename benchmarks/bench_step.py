@@ -21,11 +21,15 @@ batch), or from FREEZEKERN_BENCH_K; FREEZEKERN_BENCH_ROUNDS sets the measured
 rounds. ``test_paired_ratio`` steps the two variants of each tracked ratio
 alternately (ABBA), which keeps the ratio meaningful on a shared machine. Recorded in ``benchmark.extra_info``:
 step seconds (median), peak memory during the measured steps (CUDA:
-max_memory_allocated above the starting allocation; CPU: peak RSS above the
-starting RSS, sampled every 2 ms in a thread after returning freed heap pages
-with malloc_trim), the analytic ideal step (forward of all blocks + backward
-of the trained ones, ``(1 + 2 (L-k)/L) / 3`` of the full step, plus one
-forward of the trained blocks under checkpointing), and the ratios the
+max_memory_allocated above the starting allocation; CPU: the kernel's peak-RSS
+counter VmHWM, reset at the start, minus the starting RSS, after returning
+freed heap pages with malloc_trim; ``freezekern.profiling.PeakMemory``), the analytic ideal step of the variant's trainable set
+(``freezekern.cost.step_cost``, the formula the plan and ``freezekern profile``
+use: every forward, the recomputation of the checkpointed trained blocks,
+the backward of the trained parts only, the LM head's included) over
+per-part seconds measured once per config with
+``freezekern.part_costs.measure_part_costs`` (FREEZEKERN_BENCH_PARTS=0: over
+``flop_costs`` FLOPs scaled to the full step instead), and the ratios the
 project tracks. A summary table is printed at the end (use ``-s``) and
 written to FREEZEKERN_BENCH_SUMMARY when that is set. Nothing is asserted
 about time.
@@ -44,13 +48,17 @@ import pytest
 import torch
 
 from freezekern import analyze, discover, tiny_model
+from freezekern.cost import StepSetup, flop_costs, full_finetuning, step_cost, step_fraction
+from freezekern.part_costs import measure_part_costs
 from freezekern.policy import plan as make_plan
 from freezekern.profiling import PeakMemory, release_memory
+from freezekern.training import enable_checkpointing
 from freezekern.truncate import apply, trainable_parameters
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
+MEASURE_PARTS = os.environ.get("FREEZEKERN_BENCH_PARTS", "1") != "0"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CONFIGS = ["tiny"] + (["smollm2"] if FULL else [])
 VARIANTS = ["full", "freeze", "freeze_gc", "lora_gc", "fk", "fk_gc", "fk_lora_gc", "fk_cache"]
@@ -72,8 +80,32 @@ class _Setup:
     def __init__(self, name, model, batch, boundary, rounds, warmup):
         self.name, self.model, self.batch, self.boundary = name, model, batch, boundary
         self.rounds, self.warmup = rounds, warmup
-        self.num_layers = discover(model).num_layers
+        parts = discover(model)
+        self.num_layers = parts.num_layers
+        self.tied = parts.tied
+        self.flop_costs = flop_costs(parts.parameter_counts())
         self.tokens = int(batch["attention_mask"].sum())
+        self.part_costs = _measured_parts(model, batch) if MEASURE_PARTS else None
+
+
+def _measured_parts(model, batch):
+    """Seconds per part with every parameter trainable (so every weight gradient is priced), once per config."""
+    trainable = copy.deepcopy(model)
+    trainable.train()
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    costs = measure_part_costs(trainable, batch, repeats=3)
+    del trainable
+    return costs
+
+
+def _ideal_setup(variant: str, setup: _Setup) -> StepSetup:
+    """What the variant's trainable set costs at least: the cut's computation (the prefix cache's: no prefix)."""
+    if variant == "full":
+        return full_finetuning()
+    lora = "lora" in variant
+    return StepSetup(boundary=setup.boundary, train_head=not setup.tied and not lora, block_weights=not lora,
+                     checkpointing=variant.endswith("_gc"), cut=True, prefix_skipped=variant == "fk_cache")
 
 
 def _load(name: str) -> _Setup:
@@ -114,16 +146,6 @@ def _release():
     release_memory(DEVICE)
 
 
-def _enable_checkpointing(model):
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(target, "activation_checkpointing_enable"):
-        target.activation_checkpointing_enable()
-    else:
-        target.gradient_checkpointing_enable()
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # what PEFT and the Trainer do when checkpointing is on
-
-
 def _freeze_plainly(model, boundary):
     handle = apply(model, boundary)
     trainable = {id(p) for p in trainable_parameters(model)}
@@ -150,7 +172,7 @@ def _build(setup: _Setup, variant: str):
     if "lora" in variant:
         model = _lora(model, k, setup.num_layers)
     if variant.endswith("_gc"):
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     if variant.startswith("fk"):
         handle = apply(model, k)
         if variant == "fk_cache":
@@ -191,23 +213,24 @@ def _run(benchmark, setup: _Setup, variant: str):
     stats = benchmark.stats.stats
     median = stats.median
     L, k = setup.num_layers, setup.boundary
-    trained = (L - k) / L
-    ideal_fraction = (1 + 2 * trained) / 3 if variant.startswith("fk") or variant.startswith("freeze") \
-        or variant == "lora_gc" else 1.0
-    if variant.endswith("_gc"):
-        ideal_fraction += trained / 3  # the trained blocks' forward runs again in the backward
-    if variant == "fk_cache":
-        ideal_fraction = 2 * trained / 3 + trained / 3  # the prefix forward is skipped
+    ideal = _ideal_setup(variant, setup)
+    flops_fraction = step_fraction(setup.flop_costs, ideal)
     info = {
         "config": setup.name, "variant": variant, "device": str(DEVICE), "boundary": k, "num_layers": L,
         "batch_shape": list(batch["input_ids"].shape), "step_s_median": median,
         "tokens_per_s": setup.tokens / median, "peak_memory_mb": memory.peak_bytes / 2**20,
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
-        "ideal_fraction_of_full": ideal_fraction,
+        "ideal_flops_fraction_of_full": flops_fraction,
     }
     full = RESULTS.get(setup.name, {}).get("full")
+    if setup.part_costs is not None:
+        info["ideal_step_s"] = step_cost(setup.part_costs, ideal)
+        info["ideal_fraction_of_full"] = info["ideal_step_s"] / step_cost(setup.part_costs, full_finetuning())
+        info["ideal_from"] = "measured parts"
+    elif full is not None:
+        info["ideal_step_s"] = full["step_s_median"] * flops_fraction
+        info["ideal_from"] = "flop_costs x the full step"
     if full is not None:
-        info["ideal_step_s"] = full["step_s_median"] * ideal_fraction
         info["fraction_of_full"] = median / full["step_s_median"]
     if cache is not None:
         info["prefix_cache"] = cache.stats()

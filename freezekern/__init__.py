@@ -1,6 +1,7 @@
 """freezekern: where to fine-tune a language model, and a backward pass that stops there."""
 
 from freezekern.adapters import ModelParts, discover
+from freezekern.backward_profile import profile
 from freezekern.data import make_batches
 from freezekern.models import load_default_model, load_model, tiny_model
 from freezekern.policy import FreezePlan, plan
@@ -29,6 +30,7 @@ __all__ = [
     "move_boundary",
     "plan",
     "probe_plan",
+    "profile",
     "tiny_model",
     "trainable_parameters",
 ]

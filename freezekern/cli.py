@@ -1,4 +1,4 @@
-"""Command line: ``freezekern analyze | finetune | compare | bench | env``.
+"""Command line: ``freezekern analyze | finetune | compare | profile | export | bench | env``.
 
 Every argument, output path and data source is checked before a model is
 loaded; user errors (bad values, missing or unreadable files, data that is
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list the benchmarks and run none")
 
     sub.add_parser("env", help="versions, devices and which kernels are available")
+    _add_profile_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -201,6 +203,40 @@ def _read_data(path):
     from freezekern.data import read_examples
 
     return read_examples(path)
+
+def _add_profile_parser(sub) -> None:
+    profile = sub.add_parser("profile", help="measure where a training step's time goes, beside freezekern's cut")
+    _add_model_args(profile)
+    profile.add_argument("--gradient-checkpointing", action="store_true",
+                         help="Hugging Face activation checkpointing with enable_input_require_grads")
+    profile.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: non-reentrant)")
+    profile.add_argument("--lora", action="store_true", help="PEFT LoRA on the trained blocks (every linear)")
+    profile.add_argument("--lora-r", type=int, default=16)
+    frozen = profile.add_mutually_exclusive_group()
+    frozen.add_argument("--freeze", type=int, default=None,
+                        help="freeze the embeddings and blocks 1..K plainly (requires_grad_(False))")
+    frozen.add_argument("--plan", help="freeze plainly what this plan.json freezes")
+    profile.add_argument("--steps", type=int, default=4, help="measured steps per setup (at least 2; default 4)")
+    profile.add_argument("--warmup", type=int, default=2,
+                         help="untimed warm-up rounds, the last measures peak memory (default 2)")
+    profile.add_argument("--layers", help="dotted path of the decoder block list when it is not found")
+    profile.add_argument("--no-compare", action="store_true", help="profile your setup only, without the cut")
+    profile.add_argument("--threads", type=int, default=None,
+                         help="CPU threads for torch (default: torch's; 1 is steadier on a machine shared with other jobs)")
+    profile.add_argument("--out", default="freezekern-profile", help="output folder (profile.json, profile.png)")
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="write a plan as a PEFT config, axolotl YAML, a TRL snippet or JSON")
+    export.add_argument("plan", help="plan.json written by analyze (or FreezePlan.save)")
+    export.add_argument("--format", required=True, choices=["peft", "axolotl", "trl", "json"])
+    export.add_argument("--model", help="the model folder (its config.json names the parameters; default: the "
+                                        "plan's model when it is a local folder or the built-in model)")
+    export.add_argument("--out", help="output file (peft: a folder for adapter_config.json); default: stdout")
+    export.add_argument("--lora-r", type=int, default=16, help="peft: LoRA rank (default 16)")
+    export.add_argument("--lora-alpha", type=int, default=None, help="peft: LoRA alpha (default 2 r)")
+    export.add_argument("--target-modules", nargs="+", default=None,
+                        help="peft: module names to adapt (default: every linear of a block)")
 
 
 def _device(name: str | None):
@@ -458,6 +494,23 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_profile(args) -> int:
+    from freezekern.backward_profile import check_profile_args, profile_command
+
+    check_profile_args(args)
+    model, tokenizer = _load(args)
+    profile_command(args, model, tokenizer)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from freezekern.integrations.export import check_export_args, export_command
+
+    check_export_args(args)
+    export_command(args)
+    return 0
+
+
 def cmd_env(args) -> int:
     from freezekern.env import env_report
 
@@ -466,8 +519,8 @@ def cmd_env(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "finetune": cmd_finetune, "compare": cmd_compare, "bench": cmd_bench,
-            "env": cmd_env}
+COMMANDS = {"analyze": cmd_analyze, "finetune": cmd_finetune, "compare": cmd_compare, "profile": cmd_profile,
+            "export": cmd_export, "bench": cmd_bench, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,10 @@ one unit (estimated FLOPs per token for a plan, measured seconds for a
 profile):
 
     forward    embedding + sum_i block_forward[i] + head_forward + loss
-    recompute  sum over checkpointed blocks the backward passes through of block_forward[i]
-    backward   head_input_grad               when anything below the head trains
+    recompute  sum over checkpointed blocks the backward passes through of block_recompute[i]
+               (block_forward[i] unless measured apart)
+    backward   loss_backward                 (the loss's own backward; ``loss`` again when not given)
+             + head_input_grad               when anything below the head trains
              + head_weight_grad              when the head trains
              + block_input_grad[i]           for every block the gradient passes *through*
              + block_weight_grad[i]          for every block whose own weights train
@@ -52,11 +54,15 @@ class PartCosts:
     embedding_forward: float = 0.0
     embedding_grad: float = 0.0
     loss: float = 0.0
+    loss_backward: float | None = None  # the loss's backward; None: the same as its forward (``loss``)
+    block_recompute: tuple[float, ...] | None = None  # [L] a checkpointed block's recomputation; None: its forward
 
     def __post_init__(self):
         n = len(self.block_forward)
         if n == 0 or len(self.block_input_grad) != n or len(self.block_weight_grad) != n:
             raise ValueError("PartCosts needs one forward, input-gradient and weight-gradient cost per block")
+        if self.block_recompute is not None and len(self.block_recompute) != n:
+            raise ValueError("PartCosts.block_recompute needs one cost per block")
 
     @property
     def num_layers(self) -> int:
@@ -113,7 +119,7 @@ def step_cost_parts(costs: PartCosts, setup: StepSetup) -> dict[str, float]:
     forward = costs.embedding_forward * (not setup.prefix_skipped) + sum(costs.block_forward[first_forward:])
     forward += costs.head_forward + costs.loss
     anything_below_head = floor < num_layers
-    backward = costs.loss
+    backward = costs.loss if costs.loss_backward is None else costs.loss_backward
     if anything_below_head:
         backward += costs.head_input_grad
     if setup.train_head:
@@ -128,7 +134,8 @@ def step_cost_parts(costs: PartCosts, setup: StepSetup) -> dict[str, float]:
     if setup.train_embeddings:
         backward += costs.embedding_grad
     reached = range(max(floor, 0), num_layers)  # blocks the backward runs in at all
-    recompute = sum(costs.block_forward[i] for i in reached) if setup.checkpointing else 0.0
+    replay = costs.block_forward if costs.block_recompute is None else costs.block_recompute
+    recompute = sum(replay[i] for i in reached) if setup.checkpointing else 0.0
     return {"forward": forward, "recompute": recompute, "backward": backward,
             "total": forward + recompute + backward}
 

@@ -221,6 +221,13 @@ class FreezePlan(JsonRecord):
         """1-based indices of the blocks that train."""
         return list(range(self.boundary + 1, self.num_layers + 1))
 
+    def to_peft_config(self, **lora_kwargs):
+        """A ``peft.LoraConfig`` with adapters in the trained blocks only (``model=`` to read the block list's
+        name); see ``freezekern.integrations.export.to_peft_config``."""
+        from freezekern.integrations.export import to_peft_config
+
+        return to_peft_config(self, **lora_kwargs)
+
     @property
     def budget(self) -> float | None:
         """Deprecated name of ``trained_share``."""

@@ -211,7 +211,7 @@ class PrefixCache:
         modules = self._handle.prefix_modules()
         modes = tuple(m.training for m in modules)
         if self._determinism is None or self._determinism[0] != modes:
-            self._determinism = (modes, _without_active_dropout(modules))
+            self._determinism = (modes, without_active_dropout(modules))
         return self._determinism[1]
 
     # -- storage ------------------------------------------------------------------------------
@@ -264,7 +264,8 @@ class PrefixCache:
         self._counts["stored"] += 1
 
 
-def _without_active_dropout(modules: list[nn.Module]) -> bool:
+def without_active_dropout(modules: list[nn.Module]) -> bool:
+    """True when no module (or submodule) in training mode has a positive dropout rate: the forward is deterministic."""
     for module in modules:
         for sub in module.modules():
             if not sub.training:

@@ -321,8 +321,9 @@ def write_report(out: Path) -> None:
         "full-step equivalents of estimated training FLOPs (freezekern.cost: the plan's cost model, LM head "
         "included), with AdamW at a constant learning rate, no weight decay, gradient norm clipped at 1. Learning "
         f"rates: a grid of {first['full_lrs']} (LoRA: {first['lora_lrs']}) on seed 0 at {first['grid_share']:.0%} of "
-        f"the budget, chosen by validation loss; then seeds {first['seeds']} at the chosen rate over the whole "
-        "budget. The probe's own trials are charged to it (its curve starts at their cost). ± is half the range "
+        "the budget, chosen by validation loss; then seeds "
+        + ", ".join(f"{m['task']} {tuple(m['seeds'])}" for m in metas)
+        + " at the chosen rate over the whole budget. The probe's own trials are charged to it (its curve starts at their cost). ± is half the range "
         "over seeds. Losses are mean next-token losses (nats) on the answer tokens (chat, classify) or every token "
         "(code). The seconds axis: where OUT/timing_<task>.json exists, each run's steps times its arm's step "
         "time measured in steps paired with full fine-tuning (one process, alternating steps, so the machine's "

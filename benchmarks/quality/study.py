@@ -27,6 +27,7 @@ the runs over processes, ``--report-only`` rebuilds results.md.
     python benchmarks/quality/study.py --out docs/study --shard 0/2 --threads 1 &    # one process per core
     python benchmarks/quality/study.py --out docs/study --shard 1/2 --threads 1 &
     python benchmarks/quality/study.py --out docs/study --device cuda                 # the same on a GPU
+    python benchmarks/quality/study.py --tasks classify --seeds 0 ...                 # a one-seed subset first
     python benchmarks/quality/study.py --quick --out /tmp/quick                       # tiny model, CI
 """
 
@@ -269,6 +270,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--budget", type=float, default=None,
                         help="full-step equivalents per run (default: code 24, chat and classify 16)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds of the final runs (default 0 1); fewer seeds is a subset a later run extends")
     parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th run from i")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per process on 2 cores)")
@@ -289,6 +292,8 @@ def main(argv=None) -> int:
         settings = QUICK if args.quick else FULL
         if args.budget is not None:
             settings = dataclasses.replace(settings, budgets=dict.fromkeys(TASKS, args.budget))
+        if args.seeds:
+            settings = dataclasses.replace(settings, seeds=tuple(args.seeds))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.quick:
             tokenizer = _default_tokenizer()

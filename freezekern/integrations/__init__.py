@@ -6,10 +6,13 @@ callback lazily (transformers is only imported when it is used).
 
 from __future__ import annotations
 
-__all__ = ["FreezeKernCallback", "agree_on_boundary", "layers_to_transform", "lora_config_for_plan",
-           "merge_traces"]
+__all__ = ["BackwardProfileCallback", "FreezeKernCallback", "agree_on_boundary", "export_plan", "layers_to_transform",
+           "lora_config_for_plan", "merge_traces", "to_peft_config"]
 
 _LAZY = {
+    "BackwardProfileCallback": "freezekern.integrations.profile_callback",
+    "export_plan": "freezekern.integrations.export",
+    "to_peft_config": "freezekern.integrations.export",
     "FreezeKernCallback": "freezekern.integrations.hf_trainer",
     "agree_on_boundary": "freezekern.integrations.distributed",
     "merge_traces": "freezekern.integrations.distributed",

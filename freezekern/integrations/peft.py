@@ -39,15 +39,20 @@ def layers_to_transform(plan_or_k, num_layers: int | None = None) -> list[int]:
 
 
 def block_linear_names(model) -> list[str]:
-    """Names (last attribute) of the nn.Linear layers inside a decoder block: LoRA targets for every linear."""
+    """Names (last attribute) of the linear layers inside a decoder block: LoRA targets for every linear.
+
+    ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's linear layers) both count; PEFT adapts either.
+    """
     from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
     from freezekern.adapters import discover
 
     block = discover(model).blocks[0]
-    names = {name.rsplit(".", 1)[-1] for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    names = {name.rsplit(".", 1)[-1] for name, module in block.named_modules()
+             if isinstance(module, (nn.Linear, Conv1D))}
     if not names:
-        raise ValueError(f"{type(block).__name__} holds no nn.Linear layer to put LoRA adapters on")
+        raise ValueError(f"{type(block).__name__} holds no linear layer to put LoRA adapters on")
     return sorted(names)
 
 
