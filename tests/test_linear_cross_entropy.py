@@ -390,3 +390,42 @@ def test_mean_over_nothing_is_nan_with_zero_gradient_like_hf():
     assert math.isnan(loss.item())
     loss.backward()
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+# ---------------------------------------------------------------- the native op in torch.library
+
+
+@pytest.mark.skipif(not NATIVE_OK, reason="native kernel unavailable")
+def test_opcheck_native_ops():
+    """Schemas, fake kernels and the registered autograd formula pass torch.library.opcheck."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(9, 24, generator=gen, requires_grad=True)
+    w = torch.randn(37, 24, generator=gen, requires_grad=True)
+    b = torch.randn(37, generator=gen, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 36, IGNORE, 5, 6, 7, 8])
+    op = torch.ops.freezekern.linear_cross_entropy.default
+    for args in [
+        (h, w, t, b, None, IGNORE, True, True, True, True),      # eager, every gradient
+        (h, w, t, None, 5.0, IGNORE, True, False, False, False),  # recompute
+        (h, w.detach().bfloat16(), t, None, None, IGNORE, False, True, False, False),  # per row, frozen head
+        (h.detach().half(), w, t.clamp(min=0), b, 2.0, 3, False, False, False, False),
+    ]:
+        torch.library.opcheck(op, args)
+    lse = torch.randn(9, generator=gen)
+    grad_rows = torch.rand(9, generator=gen)
+    torch.library.opcheck(torch.ops.freezekern.linear_cross_entropy_backward.default,
+                          (h.detach(), w.detach(), t, b.detach(), lse, grad_rows, 5.0, IGNORE, True, True, True))
+
+
+@pytest.mark.skipif(not NATIVE_OK, reason="native kernel unavailable")
+@pytest.mark.parametrize(("chunk", "row_block", "buffer"), [(500, 7, 3000), (64, 1000, 1 << 20), (1031, 1, 16)])
+def test_native_cpu_chunking(monkeypatch, chunk, row_block, buffer):
+    """Several vocabulary chunks, row blocks and eager row blocks, with ragged ends (bf16 weight: widened per chunk)."""
+    monkeypatch.setenv("FREEZEKERN_CPU_VOCAB_CHUNK", str(chunk))
+    monkeypatch.setenv("FREEZEKERN_CPU_ROW_BLOCK", str(row_block))
+    monkeypatch.setenv("FREEZEKERN_CPU_LCE_BUFFER", str(buffer))
+    for reduction, head in (("mean", "trained"), ("none", "trained"), ("none", "frozen")):
+        check_case("native", torch.bfloat16, 61, 48, 1031, ignored="some", softcap=5.0, with_bias=True, head=head,
+                   reduction=reduction, seed=chunk)
+        check_case("native", torch.float32, 61, 48, 1031, ignored="some", softcap=None, with_bias=True, head=head,
+                   reduction=reduction, seed=chunk + 1)

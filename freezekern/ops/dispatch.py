@@ -50,7 +50,7 @@ def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | 
             from freezekern.ops import native
 
             raise RuntimeError(
-                f"impl='native' requested for {op} on {device.type}, but {native.unavailable_reason(device)}"
+                f"impl='native' requested for {op} on {device.type}, but {native.unavailable_reason(device, op)}"
             )
         return "native"
     if impl == "triton":

@@ -170,11 +170,7 @@ class _Function(torch.autograd.Function):
         ctx.kernels = kernels
         ctx.config = (softcap, ignore_index, reduce_sum)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.eager = EagerGrads(eager_flags, gh, gw, gb)
-        if ctx.eager.active:
-            ctx.save_for_backward(target)
-        else:
-            ctx.save_for_backward(h, weight, bias, target, lse)
+        save_for_backward(ctx, h, weight, bias, target, lse, eager_flags, gh, gw, gb)
         return loss
 
     @staticmethod
@@ -182,9 +178,9 @@ class _Function(torch.autograd.Function):
     def backward(ctx, grad_loss):
         softcap, ignore_index, reduce_sum = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.eager.active:
-            (target,) = ctx.saved_tensors
-            dh, dw, db = ctx.eager.scaled(grad_loss, reduce_sum, target, ignore_index)
+        grads = eager_grads(ctx, grad_loss, reduce_sum, ignore_index)
+        if grads is not None:
+            dh, dw, db = grads
         else:
             h, weight, bias, target, lse = ctx.saved_tensors
             grad_rows = rows_gradient(grad_loss, reduce_sum, target, ignore_index)
@@ -195,37 +191,46 @@ class _Function(torch.autograd.Function):
                 None)
 
 
-class EagerGrads:
-    """Gradients computed by the forward, scaled by the incoming gradient exactly once.
+_TWICE = (
+    "linear_cross_entropy: backward ran twice through a call whose gradients were computed in its forward "
+    "(they are scaled in place); recompute the loss instead of retain_graph=True, or call the op under "
+    "torch.no_grad() and differentiate a fresh call"
+)
+
+
+def save_for_backward(ctx, h, weight, bias, target, lse, eager_flags, gh, gw, gb) -> None:
+    """What the backward needs: the eager gradients, or the inputs and the per-row logsumexp."""
+    ctx.eager_flags = tuple(bool(f) for f in eager_flags)
+    ctx.eager_used = False
+    if any(ctx.eager_flags):
+        ctx.save_for_backward(target, *(g if f else None for f, g in zip(ctx.eager_flags, (gh, gw, gb))))
+    else:
+        ctx.save_for_backward(h, weight, bias, target, lse)
+
+
+def eager_grads(ctx, grad_loss, reduce_sum, ignore_index):
+    """The forward's gradients scaled by the incoming gradient (in place, once); None if there are none.
 
     ``gh`` [N, D] holds d l_t / d h_t per row (the same whether the loss is
     summed or not), ``gw`` [V, D] and ``gb`` [V] d (sum_t l_t) / d weight and
-    / d bias; each is None or empty when not computed.
+    / d bias.
     """
+    if not any(ctx.eager_flags):
+        return None
+    if ctx.eager_used:
+        raise RuntimeError(_TWICE)
+    ctx.eager_used = True
+    target, gh, gw, gb = ctx.saved_tensors
+    if reduce_sum:
+        return tuple(None if g is None else _scale(g, grad_loss.to(g.dtype)) for g in (gh, gw, gb))
+    rows = rows_gradient(grad_loss, False, target, ignore_index)
+    return (None if gh is None else _scale(gh, rows.to(gh.dtype)[:, None]), None, None)
 
-    def __init__(self, flags, gh, gw, gb):
-        self.flags = tuple(bool(f) for f in flags)
-        self.active = any(self.flags)
-        self.grads = [g if f else None for f, g in zip(self.flags, (gh, gw, gb))]
-        self.used = False
 
-    def scaled(self, grad_loss, reduce_sum, target, ignore_index):
-        if self.used:
-            raise RuntimeError(
-                "linear_cross_entropy: backward ran twice through a call whose gradients were computed in its "
-                "forward (they are scaled in place); recompute the loss instead of retain_graph=True, or call "
-                "the op under torch.no_grad() and differentiate a fresh call"
-            )
-        self.used = True
-        gh, gw, gb = self.grads
-        self.grads = [None, None, None]
-        if reduce_sum:
-            scale = grad_loss.to(torch.float32 if gh is None or gh.dtype != torch.float64 else gh.dtype)
-            out = [None if g is None else g.mul_(scale.to(g.dtype)) for g in (gh, gw, gb)]
-        else:
-            rows = rows_gradient(grad_loss, False, target, ignore_index)
-            out = [None if gh is None else gh.mul_(rows.to(gh.dtype)[:, None]), None, None]
-        return tuple(out)
+def _scale(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # In place on plain tensors (dW is as large as the weight); out of place under tracing
+    # (functional and fake tensors: torch.compile, opcheck), where saved tensors are immutable.
+    return grad.mul_(factor) if type(grad) is torch.Tensor else grad * factor
 
 
 def rows_gradient(grad_loss: torch.Tensor, reduce_sum: bool, target: torch.Tensor, ignore_index: int):
