@@ -185,8 +185,8 @@ def _cycled(key):
 @pytest.mark.parametrize(("n", "d", "v"), SHAPES, ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shapes(impl, dtype, n, d, v):
-    if impl == "triton" and (n * d * v > 2_000_000):
-        pytest.skip("interpreter: the large shapes run on the other backends (one large-V Triton case below)")
+    if impl == "triton" and n * d * v > 100_000:
+        pytest.skip("interpreter: large shapes run on the other backends (Triton: its own small shapes, one large V)")
     key = SHAPES.index((n, d, v)) + 11 * DTYPES.index(dtype)
     ignored, softcap, with_bias, head, reduction = _cycled(key)
     check_case(impl, dtype, n, d, v, ignored=ignored, softcap=softcap, with_bias=with_bias, head=head,
@@ -210,7 +210,9 @@ def test_triton_small_shapes(dtype, n, d, v):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_vocabulary(impl, dtype):
     """V = 50257 (gpt2's, not a multiple of any chunk), few rows so the fp64 truth stays small."""
-    n = 5 if impl == "triton" else 33
+    if impl == "triton" and dtype == torch.float32:
+        pytest.skip("interpreter: one large-V case (bf16) is enough")
+    n = 3 if impl == "triton" else 33
     check_case(impl, dtype, n, 59, 50257, ignored="some", softcap=5.0, with_bias=True, head="trained",
                reduction="mean", seed=7)
 
@@ -232,7 +234,8 @@ def test_large_shapes(impl, dtype):
 def test_options(impl, ignored, softcap, with_bias, head, reduction):
     key = OPTIONS.index((ignored, softcap, with_bias, head, reduction))
     dtype = DTYPES[key % 3]
-    check_case(impl, dtype, 37, 59, 515, ignored=ignored, softcap=softcap, with_bias=with_bias, head=head,
+    n, d, v = (17, 40, 300) if impl == "triton" else (37, 59, 515)  # the interpreter is slow
+    check_case(impl, dtype, n, d, v, ignored=ignored, softcap=softcap, with_bias=with_bias, head=head,
                reduction=reduction, seed=100 + key, layout="transposed" if key % 2 else "contiguous")
 
 
@@ -418,7 +421,7 @@ def test_opcheck_native_ops():
 
 
 @pytest.mark.skipif(not NATIVE_OK, reason="native kernel unavailable")
-@pytest.mark.parametrize(("chunk", "row_block", "buffer"), [(500, 7, 3000), (64, 1000, 1 << 20), (1031, 1, 16)])
+@pytest.mark.parametrize(("chunk", "row_block", "buffer"), [(500, 7, 3000), (64, 1000, 1 << 20), (1031, 5, 16)])
 def test_native_cpu_chunking(monkeypatch, chunk, row_block, buffer):
     """Several vocabulary chunks, row blocks and eager row blocks, with ragged ends (bf16 weight: widened per chunk)."""
     monkeypatch.setenv("FREEZEKERN_CPU_VOCAB_CHUNK", str(chunk))
