@@ -2,6 +2,7 @@
 
 from freezekern.adapters import ModelParts, discover
 from freezekern.data import make_batches
+from freezekern.fused_loss import FusedLossHandle, fused_loss
 from freezekern.models import load_default_model, load_model, tiny_model
 from freezekern.policy import FreezePlan, plan
 from freezekern.trace import DeviationTrace, analyze
@@ -13,10 +14,12 @@ __all__ = [
     "DeviationTrace",
     "FreezeHandle",
     "FreezePlan",
+    "FusedLossHandle",
     "ModelParts",
     "analyze",
     "apply",
     "discover",
+    "fused_loss",
     "load_default_model",
     "load_model",
     "make_batches",

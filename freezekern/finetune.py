@@ -272,6 +272,7 @@ def finetune(
     compare: str | None = None,
     save_every: int | None = None,
     lora_kwargs: dict | None = None,
+    fused_loss: bool = False,
 ) -> dict:
     """Train ``model`` under ``plan`` for ``steps`` steps and report what it cost and gained.
 
@@ -283,8 +284,9 @@ def finetune(
     fine-tunes a copy of the untouched model with every parameter trainable
     (same steps, batches, lr and checkpointing) and reports both. With
     ``output_dir``: checkpoints for resuming, ``model/`` (the trained model and
-    tokenizer), ``freezekern_plan.json`` and ``report.json``. The model is
-    trained in place; the freeze is removed before returning.
+    tokenizer), ``freezekern_plan.json`` and ``report.json``. ``fused_loss``: the loss
+    of both runs comes from the fused LM-head op (``freezekern.fused_loss``). The
+    model is trained in place; the freeze is removed before returning.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -308,7 +310,7 @@ def finetune(
                  "num_layers": plan.num_layers, "backward_fraction": plan.backward_fraction,
                  "step_flops_fraction": plan.step_flops_fraction, "train_head": plan.train_head},
         "setup": {"steps": steps, "lr": lr, "gradient_checkpointing": bool(gradient_checkpointing),
-                  "lora": bool(lora), "device": str(device),
+                  "lora": bool(lora), "fused_loss": bool(fused_loss), "device": str(device),
                   "batch_shape": list(train_batches[0]["input_ids"].shape),
                   "train_batches": len(train_batches), "eval_batches": len(eval_batches)},
         "resume": {"resumed": False, "from_step": 0, "reason": "no output_dir" if output is None else None},
@@ -355,7 +357,7 @@ def finetune(
         work = peft.get_peft_model(model, lora_config_for_plan(plan, model=model, **kwargs))
     if gradient_checkpointing:
         _enable_checkpointing(work)
-    handle = apply(work, plan)
+    handle = apply(work, plan, fused_loss=fused_loss)
     try:
         optimizer = torch.optim.AdamW(trainable_parameters(work), lr=lr)
         history = {"loss": [], "step_s": [], "tokens": [], "eval_before": eval_before}
@@ -409,6 +411,10 @@ def finetune(
                 p.requires_grad_(True)
             if gradient_checkpointing:
                 _enable_checkpointing(baseline)
+            if fused_loss:
+                from freezekern.fused_loss import fused_loss as apply_fused_loss
+
+                apply_fused_loss(baseline)  # the copy is dropped after the comparison
             full = _train(baseline, train_batches, steps, lr, label="full fine-tuning" +
                           (" +GC" if gradient_checkpointing else ""), progress=progress, device=device)
             report["full"] = _numbers(full, eval_before, evaluate(baseline, eval_batches), baseline)

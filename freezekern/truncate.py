@@ -185,6 +185,7 @@ class FreezeHandle:
         self._wrapped: list[tuple[nn.Module, bool]] = []  # (module, had its own instance forward)
         self._hooks: list = []
         self._frozen_adapters: list[str] = []
+        self.fused_loss = None  # a freezekern.fused_loss.FusedLossHandle when apply(..., fused_loss=True)
 
     # -- what it did -------------------------------------------------------------------------
     def frozen_parameters(self) -> list[nn.Parameter]:
@@ -252,6 +253,8 @@ class FreezeHandle:
                     f"cannot restore {type(module).__name__}.forward: something replaced freezekern's per-instance "
                     f"forward after apply() (found {current!r}); undo that wrapper first, then remove()"
                 )
+        if self.fused_loss is not None and self.fused_loss.active:
+            self.fused_loss.remove()
         if self._state.prefix_cache is not None:
             self._state.prefix_cache.detach()
         for hook in self._hooks:
@@ -377,7 +380,7 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeH
     cache = handle._state.prefix_cache
     handle.remove()
     new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                frozen_adapters="freeze")
+                frozen_adapters="freeze", fused_loss=handle.fused_loss is not None)
     newly_frozen = [p for p in model.parameters() if id(p) in before and not p.requires_grad]
     inner = getattr(optimizer, "optimizer", optimizer)
     for p in newly_frozen:
@@ -420,6 +423,7 @@ def apply(
     train_final_norm: bool | None = None,
     parts: ModelParts | None = None,
     frozen_adapters: str = "refuse",
+    fused_loss: bool = False,
 ) -> FreezeHandle:
     """Freeze the embeddings and blocks 1..k of ``model`` and cut its backward pass at block k+1.
 
@@ -430,7 +434,10 @@ def apply(
     ``frozen_adapters``: what to do with trainable PEFT adapter parameters
     inside the frozen prefix: ``"refuse"`` (raise; build LoRA above the
     boundary with ``freezekern.integrations.peft.lora_config_for_plan``) or
-    ``"freeze"``. Returns a FreezeHandle; ``handle.remove()`` undoes it all.
+    ``"freeze"``. ``fused_loss=True`` also computes the loss of forwards with labels
+    by the fused LM-head op (``freezekern.fused_loss``: no [B, T, V] logits, no
+    weight gradient for a frozen head; ``logits`` is then None). Returns a
+    FreezeHandle; ``handle.remove()`` undoes it all.
     """
     if frozen_adapters not in FROZEN_ADAPTER_POLICIES:
         raise ValueError(f"frozen_adapters must be one of {FROZEN_ADAPTER_POLICIES}, got {frozen_adapters!r}")
@@ -520,6 +527,10 @@ def apply(
                 cut_block.register_forward_pre_hook(_make_cut_hook(state, k), with_kwargs=True)
             )
             handle._hooks.append(parts.lm_head.register_forward_pre_hook(_make_check_hook(state, parts, model)))
+        if fused_loss:
+            from freezekern.fused_loss import fused_loss as apply_fused_loss
+
+            handle.fused_loss = apply_fused_loss(model, parts=parts)
     except BaseException:
         handle.remove()
         raise

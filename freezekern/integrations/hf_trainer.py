@@ -67,9 +67,11 @@ class FreezeKernCallback(TrainerCallback):
     ``policy``/``metric``/``budget`` are those of ``freezekern.plan`` /
     ``freezekern.analyze``; ``calibration_batches`` how many training batches
     to analyse; ``calibration_data`` optional batches to analyse at init
-    instead; ``reselect_every`` N for progressive freezing; ``train_head`` and
-    ``frozen_adapters`` go to ``freezekern.truncate.apply``; ``policy_kwargs``
-    (e.g. ``{"n_frozen": 3}`` for policy "fixed") to ``freezekern.plan``.
+    instead; ``reselect_every`` N for progressive freezing; ``train_head``,
+    ``frozen_adapters`` and ``fused_loss`` (the fused LM-head loss: no logits
+    are built for forwards with labels, see ``freezekern.fused_loss``) go to
+    ``freezekern.truncate.apply``; ``policy_kwargs`` (e.g. ``{"n_frozen": 3}``
+    for policy "fixed") to ``freezekern.plan``.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class FreezeKernCallback(TrainerCallback):
         train_head: bool | None = None,
         frozen_adapters: str = "refuse",
         policy_kwargs: dict | None = None,
+        fused_loss: bool = False,
     ):
         if reselect_every is not None and reselect_every < 1:
             raise ValueError(f"reselect_every must be a positive number of steps, got {reselect_every}")
@@ -99,6 +102,7 @@ class FreezeKernCallback(TrainerCallback):
         self.calibration_data = calibration_data
         self.train_head = train_head
         self.frozen_adapters = frozen_adapters
+        self.fused_loss = fused_loss
         self.policy_kwargs = dict(policy_kwargs or {})
         self.trace: DeviationTrace | None = None
         self.handle: FreezeHandle | None = None
@@ -133,7 +137,8 @@ class FreezeKernCallback(TrainerCallback):
                 self.handle, self.plan = existing, plan
                 return
             existing.remove()
-        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=self.frozen_adapters)
+        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=self.frozen_adapters,
+                            fused_loss=self.fused_loss)
         self.plan = plan
         logger.info("freezekern boundary: blocks 1..%d of %d frozen, backward through %d blocks\n%s",
                     plan.boundary, plan.num_layers, plan.num_layers - plan.boundary, plan)

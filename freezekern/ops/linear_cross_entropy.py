@@ -91,13 +91,14 @@ def linear_cross_entropy(
     need_b = grad and bias is not None and bias.requires_grad
     eager = eager_gradients(reduce_sum, need_h, need_w, need_b) and backend != "triton"
     flags = (need_h and eager, need_w and eager, need_b and eager)
-    if backend == "native":
-        from freezekern.ops import native
+    with torch.autocast(h.device.type, enabled=False):  # fp32 accumulation whatever autocast would pick
+        if backend == "native":
+            from freezekern.ops import native
 
-        loss = native.linear_cross_entropy(h, weight, target, bias, softcap, ignore_index, reduce_sum, *flags)
-    else:
-        kernels = _torch_kernels() if backend == "torch" else _triton_kernels()
-        loss = _Function.apply(h, weight, bias, target, softcap, ignore_index, reduce_sum, flags, kernels)
+            loss = native.linear_cross_entropy(h, weight, target, bias, softcap, ignore_index, reduce_sum, *flags)
+        else:
+            kernels = _torch_kernels() if backend == "torch" else _triton_kernels()
+            loss = _Function.apply(h, weight, bias, target, softcap, ignore_index, reduce_sum, flags, kernels)
     if reduction != "mean":
         return loss
     if num_items is None:
