@@ -16,7 +16,8 @@
 //     from the block that holds it, so V = 1 gives exactly 0.
 //   eager (gradients asked; see the Python docstring for when): per block of
 //     rows the logits of the whole vocabulary are formed ([rows, V] fp32, at
-//     most FREEZEKERN_CPU_LCE_BUFFER floats, default 2^24), then per row:
+//     most FREEZEKERN_CPU_LCE_BUFFER floats, default 2^23 = 32 MiB: it is alive at
+//     the step's peak, when the forward has just ended), then per row:
 //     pass 1 as above; pass 2 stores q = exp(z - max) dz/dy in place and sums
 //     exp(z - max) = s; q[target] -= s dz/dy[target]. The gradient of the row's
 //     loss with respect to its logits is then q / s, so
@@ -339,12 +340,12 @@ EagerOut forward_eager(const LceInputs& in, const Counted& c, float* lse, float*
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   EagerOut out;
   if (need_h) out.gx = at::empty({nc, d}, f32);
-  if (need_w) out.gw = at::zeros({vocab, d}, f32);
+  if (need_w) out.gw = nc > 0 ? at::empty({vocab, d}, f32) : at::zeros({vocab, d}, f32);  // the first block writes it
   if (need_b) out.gb = at::zeros({vocab}, f32);
   if (nc == 0) return out;
   const bool fp32_weight = in.weight.scalar_type() == at::kFloat;
   const int64_t vchunk = fp32_weight ? vocab : vocab_chunk(vocab);
-  const int64_t budget = env_int("FREEZEKERN_CPU_LCE_BUFFER", int64_t{1} << 24);
+  const int64_t budget = env_int("FREEZEKERN_CPU_LCE_BUFFER", int64_t{1} << 23);
   const int64_t rb = std::max<int64_t>(1, std::min(nc, std::max<int64_t>(16, budget / vocab)));
   at::Tensor logits_buf = at::empty({rb * vocab}, f32);
   at::Tensor weight_buf = fp32_weight ? at::Tensor() : at::empty({vchunk, d}, f32);
