@@ -43,6 +43,6 @@ def env_report() -> dict[str, str]:
             report[f"native {key}"] = str(info[key])
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        for op in ("cosine_deviation", "logit_lens_deviation"):
+        for op in ("cosine_deviation", "logit_lens_deviation", "linear_cross_entropy"):
             report[f"auto {op} on {device}"] = resolve_impl(op, "auto", torch.device(device))
     return report
