@@ -60,8 +60,11 @@ TARGETS = {  # name: (time target, peak-memory target), as ratios fused / baseli
 SUMMARY: list[str] = []
 
 
-def _paired(first, second, rounds):
-    """Median over rounds of t(first) / t(second), stepped A B B A ...; and both sides' times."""
+def _paired(first, second, rounds, out=None):
+    """Median over rounds of t(first) / t(second), stepped A B B A ...; and both sides' times.
+
+    ``out`` (a dict) also receives the sorted per-round ratios under "paired".
+    """
     times = {0: [], 1: []}
     for r in range(rounds):
         order = (0, 1) if r % 2 == 0 else (1, 0)
@@ -75,6 +78,8 @@ def _paired(first, second, rounds):
                 torch.cuda.synchronize()
             times[side].append(time.perf_counter() - start)
     ratios = sorted(a / b for a, b in zip(times[0], times[1]))
+    if out is not None:
+        out["paired"] = ratios
     return statistics.median(ratios), times
 
 
@@ -135,7 +140,7 @@ def test_op_vs_hf(benchmark, n, head):
     result = {}
 
     def run():
-        result["ratio"], result["times"] = _paired(fused, hf, rounds)
+        result["ratio"], result["times"] = _paired(fused, hf, rounds, result)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     mem_fused, mem_hf = _peak_mb(fused), _peak_mb(hf)
@@ -144,7 +149,8 @@ def test_op_vs_hf(benchmark, n, head):
     info = {"n": n, "d": D, "v": V, "head": head, "device": str(DEVICE), "threads": torch.get_num_threads(),
             "fused_s": t_fused, "hf_s": t_hf, "time_ratio": result["ratio"], "fused_peak_mb": mem_fused,
             "hf_peak_mb": mem_hf, "memory_ratio": mem_fused / max(mem_hf, 1e-9),
-            "fused_gflops": flops / t_fused / 1e9, "hf_gflops": flops / t_hf / 1e9}
+            "fused_gflops": flops / t_fused / 1e9, "hf_gflops": flops / t_hf / 1e9,
+            "paired_ratios": result["paired"]}
     benchmark.extra_info.update(info)
     _line(f"op N={n} head {head:<7} fused {t_fused:.3f} s / HF {t_hf:.3f} s = {result['ratio']:.2f} (paired); "
           f"peak {mem_fused:.0f} / {mem_hf:.0f} MiB = {info['memory_ratio']:.2f}")
@@ -191,7 +197,7 @@ def test_op_vs_mm(benchmark, n, head):
     result = {}
 
     def run():
-        result["ratio"], result["times"] = _paired(op, mm, 4 if n <= 1024 else 2)
+        result["ratio"], result["times"] = _paired(op, mm, 4 if n <= 1024 else 2, result)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     flops = (6 if trained else 4) * n * V * D
@@ -199,7 +205,8 @@ def test_op_vs_mm(benchmark, n, head):
     fraction = 1.0 / result["ratio"]
     benchmark.extra_info.update({"n": n, "head": head, "row_blocks": len(blocks), "threads": torch.get_num_threads(),
                                  "op_s": t_op, "mm_s": t_mm, "op_gflops": flops / t_op / 1e9,
-                                 "mm_gflops": flops / t_mm / 1e9, "fraction_of_mm": fraction, "target": 0.8})
+                                 "mm_gflops": flops / t_mm / 1e9, "fraction_of_mm": fraction, "target": 0.8,
+                                 "paired_ratios": result["paired"]})
     _line(f"op N={n} head {head:<7} {flops / t_op / 1e9:.0f} GFLOP/s vs torch.mm {flops / t_mm / 1e9:.0f} on the "
           f"same {len(blocks)} row blocks: {fraction:.0%} (paired; target >= 80%)")
 
@@ -253,7 +260,7 @@ def test_step_pair(benchmark, setup, pair):
     result = {}
 
     def run():
-        result["ratio"], result["times"] = _paired(steppers[num], steppers[den], max(setup.rounds, 4))
+        result["ratio"], result["times"] = _paired(steppers[num], steppers[den], max(setup.rounds, 4), result)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     t_num, t_den = (statistics.median(result["times"][i]) for i in (0, 1))
@@ -264,7 +271,7 @@ def test_step_pair(benchmark, setup, pair):
         "batch_shape": list(setup.batch["input_ids"].shape), "device": str(DEVICE),
         "threads": torch.get_num_threads(), f"{num}_s": t_num, f"{den}_s": t_den, "time_ratio": result["ratio"],
         "time_target": time_target, f"{num}_peak_mb": memory[num], f"{den}_peak_mb": memory[den],
-        "memory_ratio": memory_ratio, "memory_target": memory_target,
+        "memory_ratio": memory_ratio, "memory_target": memory_target, "paired_ratios": result["paired"],
     })
     _line(f"step [{setup.name}, k={setup.boundary}/{setup.num_layers}] {pair}: time {t_num:.3f} / {t_den:.3f} s = "
           f"{result['ratio']:.2f} (paired; target <= {time_target}); peak {memory[num]:.0f} / {memory[den]:.0f} MiB "

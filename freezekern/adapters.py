@@ -59,12 +59,14 @@ class HeadSpec:
     ``causal_lm`` is the class whose forward this describes, ``backbone`` the
     attribute holding the decoder (its forward takes the same arguments),
     ``logit_scale`` reads the factor logits are multiplied by (None: none),
+    ``softcap`` whether the forward applies ``config.final_logit_softcapping``,
     ``output`` the ModelOutput class the forward returns.
     """
 
     causal_lm: str
     backbone: str
     logit_scale: Callable[[nn.Module], float] | None = None
+    softcap: bool = False
     output: str = "CausalLMOutputWithPast"
 
 
@@ -79,8 +81,8 @@ HEADS: dict[str, HeadSpec] = {
     "qwen3": _llama_like_head("Qwen3ForCausalLM"),
     "phi3": _llama_like_head("Phi3ForCausalLM"),
     "gemma": _llama_like_head("GemmaForCausalLM"),
-    "gemma2": _llama_like_head("Gemma2ForCausalLM"),  # final_logit_softcapping: ModelParts.logit_softcap
-    "gemma3_text": _llama_like_head("Gemma3ForCausalLM"),
+    "gemma2": HeadSpec(causal_lm="Gemma2ForCausalLM", backbone="model", softcap=True),
+    "gemma3_text": HeadSpec(causal_lm="Gemma3ForCausalLM", backbone="model", softcap=True),
     "opt": _llama_like_head("OPTForCausalLM"),
     "gpt2": HeadSpec(causal_lm="GPT2LMHeadModel", backbone="transformer", output="CausalLMOutputWithCrossAttentions"),
     "gpt_neox": HeadSpec(causal_lm="GPTNeoXForCausalLM", backbone="gpt_neox"),

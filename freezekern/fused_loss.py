@@ -61,6 +61,7 @@ class _State:
     output_type: type
     signature: inspect.Signature
     impl: str
+    softcap: float | None
     stats: dict = dataclasses.field(default_factory=lambda: {"fused": 0, "plain": 0})
 
 
@@ -171,12 +172,16 @@ def fused_loss(model: nn.Module, *, parts: ModelParts | None = None, impl: str =
         )
     import transformers.modeling_outputs as outputs
 
+    softcap, scale = _head_settings(base, parts)
+    if scale != parts.logit_scale:
+        raise ValueError(f"parts.logit_scale is {parts.logit_scale} but {type(base).__name__} scales its logits by "
+                         f"{scale}: pass parts from discover() on this model")
     state = _State(causal_lm=base, backbone=backbone, parts=parts, output_type=getattr(outputs, spec.output),
-                   signature=inspect.signature(type(base).forward), impl=impl)
+                   signature=inspect.signature(type(base).forward), impl=impl, softcap=softcap)
     base.__dict__[_STATE_ATTR] = state
     base.forward = types.MethodType(_with_signature(type(base).forward), base)
     logger.info("fused LM-head loss on %s (V=%d, D=%d, softcap=%s, logit scale=%s)", type(base).__name__,
-                head.weight.shape[0], head.weight.shape[1], parts.logit_softcap, parts.logit_scale)
+                head.weight.shape[0], head.weight.shape[1], softcap, parts.logit_scale)
     return FusedLossHandle(model, state)
 
 
@@ -200,6 +205,23 @@ def _check_loss_function(model: nn.Module) -> None:
         )
 
 
+def _head_settings(model: nn.Module, parts: ModelParts) -> tuple[float | None, float | None]:
+    """(softcap, logit scale) the model's forward applies now, read as discover() reads them."""
+    spec = HEADS[parts.model_type]
+    softcap = getattr(model.config, "final_logit_softcapping", None) if spec.softcap else None
+    return (float(softcap) if softcap else None), (spec.logit_scale(model) if spec.logit_scale else None)
+
+
+def _check_head_unchanged(model: nn.Module, state: _State) -> None:
+    now = _head_settings(model, state.parts)
+    if now != (state.softcap, state.parts.logit_scale):
+        raise RuntimeError(
+            f"{type(model).__name__}'s final-logit soft-capping / logit scale changed from "
+            f"{(state.softcap, state.parts.logit_scale)} to {now} after fused_loss(); remove() the handle and apply "
+            "it again"
+        )
+
+
 def _fused_forward(self, *args, **kwargs):
     """The per-instance forward: the original one without labels, the fused loss with them."""
     state: _State = self.__dict__[_STATE_ATTR]
@@ -217,6 +239,7 @@ def _fused_forward(self, *args, **kwargs):
         state.stats["plain"] += 1
         return type(self).forward(self, *args, **kwargs)
     _check_loss_function(self)
+    _check_head_unchanged(self, state)
     logits_to_keep = arguments.pop("logits_to_keep", 0)
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         raise ValueError("fused_loss computes the loss over every position: pass logits_to_keep=0 with labels")
@@ -230,7 +253,7 @@ def _fused_forward(self, *args, **kwargs):
         )
     outputs = state.backbone(**arguments, **extra)
     hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
-    loss = causal_lm_loss(hidden, labels, state.parts, shift_labels=extra.get("shift_labels"),
+    loss = causal_lm_loss(hidden, labels, state.parts, softcap=state.softcap, shift_labels=extra.get("shift_labels"),
                           ignore_index=extra.get("ignore_index", _IGNORE_INDEX),
                           num_items_in_batch=extra.get("num_items_in_batch"), impl=state.impl)
     state.stats["fused"] += 1
@@ -242,12 +265,14 @@ def _fused_forward(self, *args, **kwargs):
     return state.output_type(loss=loss, logits=None, **fields)
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, parts: ModelParts, *, shift_labels=None,
-                   ignore_index: int = _IGNORE_INDEX, num_items_in_batch=None, impl: str = "auto") -> torch.Tensor:
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, parts: ModelParts, *, softcap: float | None = None,
+                   shift_labels=None, ignore_index: int = _IGNORE_INDEX, num_items_in_batch=None,
+                   impl: str = "auto") -> torch.Tensor:
     """Hugging Face's ForCausalLMLoss of ``lm_head(hidden)``, fused: hidden [B, T, D], labels [B, T] -> fp32 scalar.
 
-    The logits are those of ``parts``: the LM head's weight and bias, its
-    logit scale and soft-capping; under autocast the head's operands take the
+    The logits are those of ``parts``: the LM head's weight and bias and its
+    logit scale, then ``softcap`` (the family's final-logit soft-capping, when
+    its forward applies one); under autocast the head's operands take the
     autocast dtype, as the nn.Linear would.
     """
     head = parts.lm_head
@@ -267,7 +292,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, parts: ModelParts
         h = h.float() * parts.logit_scale
         bias = None if bias is None else bias.float() * parts.logit_scale
     return linear_cross_entropy(h, weight, target, bias=bias, ignore_index=ignore_index, reduction="mean",
-                                softcap=parts.logit_softcap, num_items=num_items_in_batch, impl=impl)
+                                softcap=softcap, num_items=num_items_in_batch, impl=impl)
 
 
 __all__ = ["FusedLossHandle", "active_fused_loss", "causal_lm_loss", "fused_loss"]

@@ -320,6 +320,22 @@ def test_refusals_name_the_problem():
     assert "forward" not in other.__dict__
 
 
+def test_head_settings_changed_after_apply_are_refused():
+    """HF reads the soft-cap from the config at every forward; a change after fused_loss() must not go unseen."""
+    model = _model("gemma2", **FAMILY_CONFIG["gemma2"])
+    fused_loss(model)
+    model.config.final_logit_softcapping = 5.0
+    with pytest.raises(RuntimeError, match="changed"):
+        model(**_batch())
+    llama = _model()
+    llama.config.final_logit_softcapping = 3.0  # llama's forward ignores it, so must the fused loss
+    reference = copy.deepcopy(llama)
+    batch = _batch()
+    ref = _loss_and_grads(reference, batch)
+    fused_loss(llama)
+    _assert_same(*_loss_and_grads(llama, batch), *ref)
+
+
 def test_unsupported_class_is_refused():
     from transformers import LlamaForCausalLM
 

@@ -441,3 +441,33 @@ def test_native_cpu_chunking(monkeypatch, chunk, row_block, buffer):
                reduction="none", seed=chunk + 1)
     check_case("native", torch.float32, 61, 48, 1031, ignored="some", softcap=5.0, with_bias=False, head="frozen",
                reduction="none", seed=chunk + 2)
+
+
+@pytest.mark.parametrize("impl", [p for p in IMPLS if p.values[0] != "triton"])
+def test_backward_allocates_no_weight_sized_tensor(impl):
+    """The eager dW is handed to the weight's .grad as it is: no zero-filled stand-in, no clone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                     if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:  # new memory
+                    self.made.append((str(func), tuple(t.shape)))
+            return out
+
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(16, 32, generator=gen, requires_grad=True)
+    w = torch.randn(3001, 32, generator=gen, requires_grad=True)
+    t = torch.randint(0, 3001, (16,), generator=gen)
+    loss = linear_cross_entropy(h, w, t, impl=impl)
+    with Shapes() as mode:
+        loss.backward()
+    assert w.grad is not None
+    assert not [m for m in mode.made if m[1] == tuple(w.shape)], mode.made

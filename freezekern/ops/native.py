@@ -140,6 +140,7 @@ def _lce_setup_context(ctx, inputs, output):
     h, weight, target, bias, softcap, ignore_index, reduce_sum, grad_h, grad_weight, grad_bias = inputs
     _, lse, gh, gw, gb = output
     ctx.mark_non_differentiable(lse, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # else the backward gets a zero [V, D] "gradient" of grad_weight
     ctx.config = (softcap, ignore_index, reduce_sum)
     ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
     save_for_backward(ctx, h, weight, bias, target, lse, (grad_h, grad_weight, grad_bias), gh, gw, gb)
@@ -149,6 +150,8 @@ def _lce_backward(ctx, grad_loss, *unused):
     from freezekern.ops.linear_cross_entropy import cast_grads, eager_grads, rows_gradient
 
     softcap, ignore_index, reduce_sum = ctx.config
+    if grad_loss is None:  # the loss itself did not reach the output being differentiated
+        return (None,) * 10
     need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
     grads = eager_grads(ctx, grad_loss, reduce_sum, ignore_index)
     if grads is None:
