@@ -535,3 +535,14 @@ class _CharTokenizer:
 
     def encode(self, text, add_special_tokens=False, **kwargs):
         return self(text)["input_ids"]
+
+
+def test_apply_with_a_refused_fused_loss_leaves_nothing_behind():
+    from freezekern.truncate import active_handle
+
+    model = _model()
+    model.loss_function = lambda *a, **k: torch.zeros(())
+    with pytest.raises(ValueError, match="not Hugging Face's ForCausalLMLoss"):
+        apply(model, 2, fused_loss=True)
+    assert active_handle(model) is None and not active_fused_loss(model)
+    assert all(p.requires_grad for p in model.parameters())

@@ -83,13 +83,13 @@ def _run(fn, leaves, upstream):
     return loss.detach(), list(grads)
 
 
-def _leaves(h, weight, bias, dtype, trained_head, rounded_to=None):
-    """Fresh leaves in ``dtype`` (first rounded to ``rounded_to``: the ground truth of 16-bit inputs)."""
+def _leaves(h, weight, bias, dtype, trained_head, rounded_to=None, device="cpu"):
+    """Fresh leaves in ``dtype`` on ``device`` (first rounded to ``rounded_to``: the truth of 16-bit inputs)."""
     def leaf(t, grad):
         if t is None:
             return None
         t = t.detach() if rounded_to is None else t.detach().to(rounded_to)
-        return t.to(dtype).requires_grad_(grad)
+        return t.to(device=device, dtype=dtype).requires_grad_(grad)
 
     return leaf(h, True), leaf(weight, trained_head), leaf(bias, trained_head)
 
@@ -100,8 +100,8 @@ def _upstream(reduction, n, seed):
 
     def make(loss):
         if reduction == "none":
-            return vector.to(loss.dtype)
-        return torch.tensor(1.7, dtype=loss.dtype)
+            return vector.to(device=loss.device, dtype=loss.dtype)
+        return torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
 
     return make
 
@@ -109,13 +109,14 @@ def _upstream(reduction, n, seed):
 def _max_err(a, b):
     if a.numel() == 0:
         return 0.0
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     both_nan = torch.isnan(a) & torch.isnan(b)
     assert torch.equal(torch.isnan(a), torch.isnan(b)), "NaN pattern differs"
     return (a - b).abs().masked_fill(both_nan, 0).max().item()
 
 
 def _scale(t):
+    t = t.cpu()
     finite = t[torch.isfinite(t)].double()
     return finite.abs().max().item() if finite.numel() else 0.0
 
@@ -136,7 +137,7 @@ _HF_RESULTS: dict = {}
 
 
 def check_case(impl, dtype, n, d, v, *, ignored="some", softcap=None, with_bias=False, head="trained",
-               reduction="mean", num_items=None, ignore_index=IGNORE, seed=0, layout="contiguous"):
+               reduction="mean", num_items=None, ignore_index=IGNORE, seed=0, layout="contiguous", device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     if layout == "transposed":
         h = (torch.randn(d, n, generator=gen) * 2).t()
@@ -153,17 +154,17 @@ def check_case(impl, dtype, n, d, v, *, ignored="some", softcap=None, with_bias=
     upstream = _upstream(reduction, n, seed + 1)
     kwargs = dict(softcap=softcap, ignore_index=ignore_index, reduction=reduction, num_items=num_items)
 
-    def path(fn, cast, rounded_to=None):
-        hh, ww, bb = _leaves(h, weight, bias, cast, trained, rounded_to)
-        loss, grads = _run(lambda: fn(hh, ww, target, bias=bb, **kwargs), [hh, ww, bb], upstream)
+    def path(fn, cast, rounded_to=None, on=device):
+        hh, ww, bb = _leaves(h, weight, bias, cast, trained, rounded_to, on)
+        loss, grads = _run(lambda: fn(hh, ww, target.to(on), bias=bb, **kwargs), [hh, ww, bb], upstream)
         return loss, grads
 
     got = path(lambda *a, **k: linear_cross_entropy(*a, impl=impl, **k), dtype)
     key = (str(dtype), n, d, v, ignored, softcap, with_bias, head, reduction, str(num_items), ignore_index, seed,
-           layout)
+           layout, device)
     if key not in _HF_RESULTS:  # the same inputs for every backend: HF's path and the truth run once
         _HF_RESULTS.clear()
-        _HF_RESULTS[key] = (path(hf_loss, dtype), path(hf_loss, torch.float64, rounded_to=dtype))
+        _HF_RESULTS[key] = (path(hf_loss, dtype), path(hf_loss, torch.float64, rounded_to=dtype, on="cpu"))
     ref, truth = _HF_RESULTS[key]
     assert got[0].dtype == torch.float32, got[0].dtype
     names = ["dh"] + (["dW"] + (["dbias"] if with_bias else []) if trained else [])
@@ -471,3 +472,27 @@ def test_backward_allocates_no_weight_sized_tensor(impl):
         loss.backward()
     assert w.grad is not None
     assert not [m for m in mode.made if m[1] == tuple(w.shape)], mode.made
+
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+CUDA_IMPLS = ["torch", "triton", "native"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
+@pytest.mark.parametrize(("n", "d", "v"), [(1, 59, 127), (257, 576, 4099), (33, 59, 50257), (130, 576, 1)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda(impl, dtype, n, d, v):
+    """Every backend on CUDA tensors (the native op: cuBLAS and its kernels), options cycled per shape."""
+    if impl == "native" and not native.has_op("linear_cross_entropy", "cuda"):
+        pytest.skip(native.unavailable_reason("cuda", "linear_cross_entropy"))
+    key = n + d + v + DTYPES.index(dtype)
+    for offset in range(0, len(OPTIONS), 9):  # eight option combinations per case
+        ignored, softcap, with_bias, head, reduction = OPTIONS[(key + offset) % len(OPTIONS)]
+        check_case(impl, dtype, n, d, v, ignored=ignored, softcap=softcap, with_bias=with_bias, head=head,
+                   reduction=reduction, seed=key + offset, device="cuda")
