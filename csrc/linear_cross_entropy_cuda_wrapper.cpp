@@ -66,8 +66,13 @@ void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
-at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
+// acc += a @ b in place, acc fp32 (no temporary of acc's size).
+void addmm_f32_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+  } else {
+    at::addmm_out(acc, acc, a, b, at::kFloat);
+  }
 }
 
 cuda::LceBlock block_of(const LceInputs& in, at::Tensor& logits, int64_t r0, int64_t rows, int64_t v0, int64_t cols,
@@ -132,7 +137,7 @@ ForwardOut linear_cross_entropy_cuda(const at::Tensor& h, const at::Tensor& weig
         at::Tensor gh_rows = gh.narrow(0, r0, rows);
         mm_f32(gh_rows, g, op.weight);
       }
-      if (grad_weight) gw.add_(mm_f32(g.t(), x_rows));
+      if (grad_weight) addmm_f32_(gw, g.t(), x_rows);
       if (grad_bias) gb.add_(z.sum(0));
     }
   } else if (n > 0) {
@@ -195,8 +200,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
                                          lse.data_ptr<float>() + r0, grad_rows.data_ptr<float>() + r0, stream),
                    "grad");
       const at::Tensor g = block.scalar_type() == op.mm ? block : block.to(op.mm);
-      if (need_h) dh.narrow(0, r0, rows).add_(mm_f32(g, wc));
-      if (need_weight) dw.narrow(0, v0, vc).add_(mm_f32(g.t(), x_rows));
+      if (need_h) {
+        at::Tensor dh_rows = dh.narrow(0, r0, rows);
+        addmm_f32_(dh_rows, g, wc);
+      }
+      if (need_weight) {
+        at::Tensor dw_rows = dw.narrow(0, v0, vc);
+        addmm_f32_(dw_rows, g.t(), x_rows);
+      }
       if (need_bias) db.narrow(0, v0, vc).add_(block.sum(0));
     }
   }

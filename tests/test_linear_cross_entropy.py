@@ -237,8 +237,15 @@ def test_large_shapes(impl, dtype):
 # ---------------------------------------------------------------- options
 
 
+def _options_param(option):
+    """Half the combinations (soft-cap and bias together or neither) in the fast suite, the rest in the slow one."""
+    ignored, softcap, with_bias, head, reduction = option
+    marks = [] if (softcap is None) == (not with_bias) else [pytest.mark.slow]
+    return pytest.param(*option, marks=marks, id="-".join(map(str, option)))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize(("ignored", "softcap", "with_bias", "head", "reduction"), OPTIONS, ids=lambda x: str(x))
+@pytest.mark.parametrize(("ignored", "softcap", "with_bias", "head", "reduction"), [_options_param(o) for o in OPTIONS])
 def test_options(impl, ignored, softcap, with_bias, head, reduction):
     key = OPTIONS.index((ignored, softcap, with_bias, head, reduction))
     dtype = DTYPES[key % 3]
