@@ -3,6 +3,7 @@
 from freezekern.adapters import ModelParts, discover
 from freezekern.backward_profile import profile
 from freezekern.data import make_batches
+from freezekern.fused_loss import FusedLossHandle, fused_loss
 from freezekern.models import load_default_model, load_model, tiny_model
 from freezekern.policy import FreezePlan, plan
 from freezekern.prefix_cache import PrefixCache
@@ -17,6 +18,7 @@ __all__ = [
     "DeviationTrace",
     "FreezeHandle",
     "FreezePlan",
+    "FusedLossHandle",
     "ModelParts",
     "PrefixCache",
     "active_handle",
@@ -24,6 +26,7 @@ __all__ = [
     "apply",
     "compare",
     "discover",
+    "fused_loss",
     "load_default_model",
     "load_model",
     "make_batches",

@@ -9,7 +9,7 @@ override any path. Nothing here patches a model: it only finds modules.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,49 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """How a family's *ForCausalLM forward turns its decoder output into logits.
+
+    ``logits = softcap(logit_scale * lm_head(backbone(...).last_hidden_state))``
+    and then Hugging Face's ``ForCausalLMLoss``: checked against each family's
+    forward (the fused loss's tests compare every family with Hugging Face).
+    ``causal_lm`` is the class whose forward this describes, ``backbone`` the
+    attribute holding the decoder (its forward takes the same arguments),
+    ``logit_scale`` reads the factor logits are multiplied by (None: none),
+    ``softcap`` whether the forward applies ``config.final_logit_softcapping``,
+    ``output`` the ModelOutput class the forward returns.
+    """
+
+    causal_lm: str
+    backbone: str
+    logit_scale: Callable[[nn.Module], float] | None = None
+    softcap: bool = False
+    output: str = "CausalLMOutputWithPast"
+
+
+def _llama_like_head(name: str) -> HeadSpec:
+    return HeadSpec(causal_lm=name, backbone="model")
+
+
+HEADS: dict[str, HeadSpec] = {
+    "llama": _llama_like_head("LlamaForCausalLM"),
+    "mistral": _llama_like_head("MistralForCausalLM"),
+    "qwen2": _llama_like_head("Qwen2ForCausalLM"),
+    "qwen3": _llama_like_head("Qwen3ForCausalLM"),
+    "phi3": _llama_like_head("Phi3ForCausalLM"),
+    "gemma": _llama_like_head("GemmaForCausalLM"),
+    "gemma2": HeadSpec(causal_lm="Gemma2ForCausalLM", backbone="model", softcap=True),
+    "gemma3_text": HeadSpec(causal_lm="Gemma3ForCausalLM", backbone="model", softcap=True),
+    "opt": _llama_like_head("OPTForCausalLM"),
+    "gpt2": HeadSpec(causal_lm="GPT2LMHeadModel", backbone="transformer", output="CausalLMOutputWithCrossAttentions"),
+    "gpt_neox": HeadSpec(causal_lm="GPTNeoXForCausalLM", backbone="gpt_neox"),
+    "cohere": HeadSpec(causal_lm="CohereForCausalLM", backbone="model", logit_scale=lambda m: float(m.logit_scale)),
+    "granite": HeadSpec(causal_lm="GraniteForCausalLM", backbone="model",
+                        logit_scale=lambda m: 1.0 / float(m.config.logits_scaling)),
+}
+
+
 @dataclass
 class ModelParts:
     """The pieces of a causal LM that freezekern reads and cuts.
@@ -72,6 +115,8 @@ class ModelParts:
     gemma_norm: bool = False
     logit_softcap: float | None = None
     notes: list[str] = field(default_factory=list)
+    logit_scale: float | None = None  # logits = logit_scale * lm_head(h) before the softcap (Cohere, Granite)
+    head_spec: HeadSpec | None = None  # how the forward builds its logits, for the families in HEADS
 
     @property
     def num_layers(self) -> int:
@@ -329,6 +374,10 @@ def discover(
     if softcap:
         notes.append("final logit softcapping is not applied by the logit-lens metric")
     gemma_norm = spec.gemma_norm if spec is not None else "Gemma" in type(norm_module).__name__
+    head_spec = HEADS.get(model_type)
+    logit_scale = head_spec.logit_scale(model) if head_spec is not None and head_spec.logit_scale else None
+    if logit_scale is not None:
+        notes.append("logits are scaled by the model (logit_scale); the logit-lens metric does not apply it")
     return ModelParts(
         model=model,
         model_type=model_type,
@@ -343,6 +392,8 @@ def discover(
         gemma_norm=gemma_norm,
         logit_softcap=softcap,
         notes=notes,
+        logit_scale=logit_scale,
+        head_spec=head_spec,
     )
 
 
@@ -363,3 +414,11 @@ def block_output_hidden(output) -> torch.Tensor:
     if isinstance(output, Mapping) and "hidden_states" in output:
         return output["hidden_states"]
     raise TypeError(f"cannot find the hidden state in a block output of type {type(output).__name__}")
+
+
+def unwrap_peft(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The model a PEFT PeftModel wraps (its *ForCausalLM), and whether it was wrapped."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__module__.startswith("peft"):
+        return get_base(), True
+    return model, False

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--eval-tokens", type=int, default=2048)
     finetune.add_argument("--gradient-checkpointing", action="store_true")
     finetune.add_argument("--lora", action="store_true", help="LoRA adapters on the trained blocks only")
+    finetune.add_argument("--fused-loss", action="store_true",
+                          help="fused LM-head loss: no [B, T, V] logits, no weight gradient of a frozen head")
     finetune.add_argument("--compare", choices=["full", "none"], default="none",
                           help="also measure full fine-tuning in the same run")
     finetune.add_argument("--out", default="freezekern-finetune", help="output folder (model, plan, report)")
@@ -361,7 +363,7 @@ def cmd_finetune(args) -> int:
     report = finetune(model, tokenizer, train_batches, eval_batches, plan, steps=args.steps, lr=args.lr,
                       gradient_checkpointing=args.gradient_checkpointing, lora=args.lora, output_dir=args.out,
                       resume=not args.restart, compare=None if args.compare == "none" else args.compare,
-                      seed=args.seed)
+                      seed=args.seed, fused_loss=args.fused_loss)
     trace.save(Path(args.out) / "trace.json")
     print(format_report(report))
     return 0

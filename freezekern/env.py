@@ -43,7 +43,7 @@ def env_report() -> dict[str, str]:
             report[f"native {key}"] = str(info[key])
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        for op in ("cosine_deviation", "logit_lens_deviation"):
+        for op in ("cosine_deviation", "logit_lens_deviation", "linear_cross_entropy"):
             choices = {str(d).removeprefix("torch."): resolve_impl(op, "auto", torch.device(device), d)
                        for d in (torch.float32, torch.bfloat16, torch.float16)}
             if len(set(choices.values())) == 1:

@@ -221,6 +221,7 @@ def finetune(
     save_every: int | None = None,
     lora_kwargs: dict | None = None,
     seed: int = 0,
+    fused_loss: bool = False,
 ) -> dict:
     """Train ``model`` under ``plan`` for ``steps`` steps and report what it cost and gained.
 
@@ -235,6 +236,8 @@ def finetune(
     tokenizer), ``freezekern_plan.json`` and ``report.json``. The model is
     trained in place; the freeze is removed before returning. ``seed`` seeds
     LoRA initialisation and training (a resumed run restores its RNG state).
+    ``fused_loss``: the loss of both runs comes from the fused LM-head op
+    (``freezekern.fused_loss``).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -259,6 +262,7 @@ def finetune(
                  "step_flops_fraction": plan.step_flops_fraction, "train_head": plan.train_head},
         "setup": {"steps": steps, "lr": lr, "gradient_checkpointing": bool(gradient_checkpointing),
                   "lora": bool(lora), "device": str(device), "seed": seed,
+                  "fused_loss": bool(fused_loss),
                   "batch_shape": list(train_batches[0]["input_ids"].shape),
                   "train_batches": len(train_batches), "eval_batches": len(eval_batches)},
         "resume": {"resumed": False, "from_step": 0, "reason": "no output_dir" if output is None else None},
@@ -306,7 +310,7 @@ def finetune(
         work = peft.get_peft_model(model, lora_config_for_plan(plan, model=model, **kwargs))
     if gradient_checkpointing:
         enable_checkpointing(work)
-    handle = apply(work, plan)
+    handle = apply(work, plan, fused_loss=fused_loss)
     trainable = sum(p.numel() for p in trainable_parameters(work))
     total = sum(p.numel() for p in work.parameters())
     what = f"LoRA adapters on blocks {plan.boundary + 1}..{plan.num_layers}" if lora else \
@@ -365,6 +369,10 @@ def finetune(
                 p.requires_grad_(True)
             if gradient_checkpointing:
                 enable_checkpointing(baseline)
+            if fused_loss:
+                from freezekern.fused_loss import fused_loss as apply_fused_loss
+
+                apply_fused_loss(baseline)  # the copy is dropped after the comparison
             full = _train(baseline, train_batches, steps, lr, label="full fine-tuning" +
                           (" +GC" if gradient_checkpointing else ""), progress=progress, device=device)
             report["full"] = _numbers(full, eval_before, evaluate(baseline, eval_batches), baseline)

@@ -231,6 +231,7 @@ class FreezeHandle:
         self._wrapped: list[tuple[nn.Module, bool]] = []  # (module, had its own instance forward)
         self._hooks: list = []
         self._frozen_adapters: list[str] = []
+        self.fused_loss = None  # a freezekern.fused_loss.FusedLossHandle when apply(..., fused_loss=True)
 
     # -- what it did -------------------------------------------------------------------------
     def frozen_parameters(self) -> list[nn.Parameter]:
@@ -343,6 +344,8 @@ class FreezeHandle:
                     f"cannot restore {type(module).__name__}.forward: something replaced freezekern's per-instance "
                     f"forward after apply() (found {current!r}); undo that wrapper first, then remove()"
                 )
+        if self.fused_loss is not None and self.fused_loss.active:
+            self.fused_loss.remove()
         self.clear_boundary_source()
         for hook in self._hooks:
             hook.remove()
@@ -480,13 +483,13 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeH
     handle.remove()
     try:
         new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                    frozen_adapters="freeze")
+                    frozen_adapters="freeze", fused_loss=handle.fused_loss is not None)
     except BaseException:
         for p in model.parameters():  # restore the old flags, then the old cut
             if id(p) in before:
                 p.requires_grad_(True)
         restored = apply(model, old_plan, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                         frozen_adapters="freeze")
+                         frozen_adapters="freeze", fused_loss=handle.fused_loss is not None)
         if source is not None and hasattr(source, "moved"):
             source.moved(restored)
         raise
@@ -532,6 +535,7 @@ def apply(
     train_final_norm: bool | None = None,
     parts: ModelParts | None = None,
     frozen_adapters: str = "refuse",
+    fused_loss: bool = False,
 ) -> FreezeHandle:
     """Freeze the embeddings and blocks 1..k of ``model`` and cut its backward pass at block k+1.
 
@@ -545,7 +549,10 @@ def apply(
     ``frozen_adapters``: what to do with trainable PEFT adapter parameters
     inside the frozen prefix: ``"refuse"`` (raise; build LoRA above the
     boundary with ``freezekern.integrations.peft.lora_config_for_plan``) or
-    ``"freeze"``. Returns a FreezeHandle; ``handle.remove()`` undoes it all.
+    ``"freeze"``. ``fused_loss=True`` also computes the loss of forwards with labels
+    by the fused LM-head op (``freezekern.fused_loss``: no [B, T, V] logits, no
+    weight gradient for a frozen head; ``logits`` is then None). Returns a
+    FreezeHandle; ``handle.remove()`` undoes it all.
     """
     if frozen_adapters not in FROZEN_ADAPTER_POLICIES:
         raise ValueError(f"frozen_adapters must be one of {FROZEN_ADAPTER_POLICIES}, got {frozen_adapters!r}")
@@ -633,6 +640,10 @@ def apply(
             check = _make_check(state, parts, model)
             handle._hooks.append(parts.blocks[-1].register_forward_hook(lambda module, args, out: check()))
             handle._hooks.append(parts.lm_head.register_forward_pre_hook(lambda module, args: check()))
+        if fused_loss:
+            from freezekern.fused_loss import fused_loss as apply_fused_loss
+
+            handle.fused_loss = apply_fused_loss(model, parts=parts)
     except BaseException:
         handle.remove()
         raise

@@ -82,7 +82,11 @@ _CUDA_TORCH_STANDINS = {
 }
 
 
-def test_cuda_wrapper_compiles_against_torch_headers(tmp_path):
+CUDA_WRAPPERS = sorted(CSRC.glob("*_cuda_wrapper.cpp"))
+
+
+@pytest.mark.parametrize("wrapper", CUDA_WRAPPERS, ids=lambda p: p.name)
+def test_cuda_wrapper_compiles_against_torch_headers(tmp_path, wrapper):
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
@@ -99,6 +103,6 @@ def test_cuda_wrapper_compiles_against_torch_headers(tmp_path):
         pytest.skip("cuda_runtime.h not found (CUDA_HOME, CUDA_PATH, next to nvcc, /usr/local/cuda)")
     cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-DFREEZEKERN_WITH_CUDA",
            "-I", str(tmp_path), "-I", str(cuda_include), "-I", str(CSRC),
-           *[f"-I{p}" for p in include_paths()], str(CSRC / "deviation_cuda_wrapper.cpp")]
+           *[f"-I{p}" for p in include_paths()], str(wrapper)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"the CUDA wrapper does not compile ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"

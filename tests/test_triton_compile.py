@@ -6,7 +6,7 @@ listed in ``triton_aot.py`` (each norm kind, dtype, single and looped D, and
 every autotune config of the logit-lens kernel) are compiled ahead of time
 to PTX and cubin, in a process without TRITON_INTERPRET, and the logit-lens
 kernel must run its matmul on tensor cores (mma / wgmma) for every dtype,
-fp32 as 3xTF32.
+fp32 as 3xTF32; so must the fused linear cross-entropy's kernels.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_every_variant_compiles(compiled):
     arch, reports = compiled
     failed = [r for r in reports if "error" in r]
     assert not failed, f"{len(failed)} of {len(reports)} variants fail on sm_{arch}; first: {failed[0]}"
-    assert {r["kernel"] for r in reports} == {"row", "lens"}
+    assert {r["kernel"] for r in reports} == {"row", "lens", "lce_forward", "lce_backward"}
 
 
 def test_logit_lens_matmul_uses_tensor_cores(compiled):
@@ -61,6 +61,19 @@ def test_logit_lens_matmul_uses_tensor_cores(compiled):
         f"fp32 is not 3xTF32 on sm_{arch}: {triple[0]['mma_count']} tensor-core instructions "
         f"vs {single[0]['mma_count']} for single-pass TF32")
     for report in lens:
+        assert report["mma"], f"no tensor-core instruction on sm_{arch} for {report}"
+        if report["x"] == "fp32":
+            assert all(".tf32" in op for op in report["mma"]), report
+        else:
+            ptx_type = {"bf16": ".bf16", "fp16": ".f16"}[report["x"]]
+            assert all(ptx_type in op for op in report["mma"]), report
+
+
+def test_linear_cross_entropy_matmuls_use_tensor_cores(compiled):
+    arch, reports = compiled
+    lce = [r for r in reports if r["kernel"].startswith("lce_") and "error" not in r]
+    assert lce
+    for report in lce:
         assert report["mma"], f"no tensor-core instruction on sm_{arch} for {report}"
         if report["x"] == "fp32":
             assert all(".tf32" in op for op in report["mma"]), report

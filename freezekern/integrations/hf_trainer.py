@@ -87,6 +87,8 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     instead; ``reselect_every`` N for progressive freezing; ``train_head`` goes
     to ``freezekern.apply``; ``frozen_adapters`` None (freeze adapters below
     the boundary, with a warning), "freeze" (silently) or "refuse";
+    ``fused_loss`` (the fused LM-head loss: no logits are built for forwards
+    with labels, see ``freezekern.fused_loss``) goes to ``freezekern.apply``;
     ``policy_kwargs`` (e.g. ``{"boundary": 3}`` for policy "fixed") to
     ``freezekern.plan``. ``plan`` may be a FreezePlan or its dict form.
     ``budget`` is the deprecated name of ``trained_share``.
@@ -106,6 +108,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         frozen_adapters: str | None = None,
         policy_kwargs: dict | None = None,
         budget: float | None = None,
+        fused_loss: bool = False,
     ):
         if budget is not None:
             if trained_share is not None:
@@ -128,6 +131,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         self.calibration_data = calibration_data
         self.train_head = train_head
         self.frozen_adapters = frozen_adapters
+        self.fused_loss = fused_loss
         self.policy_kwargs = dict(policy_kwargs or {})
         self.trace: DeviationTrace | None = None
         self.handle: FreezeHandle | None = None
@@ -163,7 +167,8 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
                 return
             existing.remove()
         policy = "freeze" if self.frozen_adapters is None else self.frozen_adapters
-        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=policy)
+        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=policy,
+                            fused_loss=self.fused_loss)
         self.plan = plan
         frozen = self.handle.frozen_adapter_names
         if frozen and self.frozen_adapters is None:

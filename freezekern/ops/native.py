@@ -1,16 +1,20 @@
 """Python face of the compiled extension ``freezekern._C``.
 
-The extension registers ``torch.ops.freezekern.cosine_deviation`` and
-``torch.ops.freezekern.logit_lens_deviation`` (schemas in ``csrc/ops.cpp``),
-with a CPU kernel (OpenMP) and, when built against a CUDA torch, a CUDA
-kernel. This module loads it inside try/except and records why it is
+The extension registers ``torch.ops.freezekern.cosine_deviation``,
+``torch.ops.freezekern.logit_lens_deviation`` and the fused loss
+``torch.ops.freezekern.linear_cross_entropy`` (with its recompute backward
+``linear_cross_entropy_backward``; schemas in ``csrc/ops.cpp``), with a CPU
+kernel (OpenMP + BLAS) and, when built against a CUDA torch, a CUDA kernel. This module loads it inside try/except and records why it is
 unavailable: not built (the package still works through the PyTorch
 reference) or broken (built against another torch, undefined symbol, ...),
 which is reported once with ``warnings.warn``. Set FREEZEKERN_DISABLE_NATIVE=1
 to ignore a built extension.
 
 It also registers the fake (meta) kernels so ``torch.compile`` can trace the
-ops: both return an fp32 [N] tensor on h's device.
+ops (the deviation ops return an fp32 [N] tensor on h's device), and the
+autograd formula of ``linear_cross_entropy`` (``torch.library.register_autograd``):
+gradients computed by its forward are scaled by the incoming gradient,
+otherwise the backward op recomputes the logits.
 
 Shapes and dtypes are those of ``reference.py``: h [N, D] fp32|bf16|fp16 (any
 row stride; an inner stride != 1 is copied to contiguous by the kernel),
@@ -29,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-OPS = ("cosine_deviation", "logit_lens_deviation")
+OPS = ("cosine_deviation", "logit_lens_deviation", "linear_cross_entropy", "linear_cross_entropy_backward")
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` while torch is importable"
 
 
@@ -47,11 +51,16 @@ def _registered_kernels() -> dict[str, frozenset[str]]:
     kernels = {}
     for op in OPS:
         name = f"freezekern::{op}"
-        kernels[op] = frozenset(
-            device
-            for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-        )
+        try:
+            kernels[op] = frozenset(
+                device
+                for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+            )
+        except RuntimeError:  # an extension built before this op existed: the others still work
+            kernels[op] = frozenset()
+    if not any(kernels.values()):
+        raise RuntimeError("freezekern._C registered none of the freezekern ops")
     return kernels
 
 
@@ -95,6 +104,64 @@ def _register_fakes() -> None:
     def _logit_lens_fake(h, weight, target, bias, norm, norm_weight, norm_bias, norm_eps, ignore_index):
         return h.new_empty((h.shape[0],), dtype=torch.float32)
 
+    if not _STATE.kernels.get("linear_cross_entropy"):
+        return
+
+    @torch.library.register_fake("freezekern::linear_cross_entropy")
+    def _lce_fake(h, weight, target, bias, softcap, ignore_index, reduce_sum, grad_h, grad_weight, grad_bias):
+        n, d = h.shape
+        vocab = weight.shape[0]
+
+        def f32(*shape):
+            return h.new_empty(shape, dtype=torch.float32)
+
+        return (f32() if reduce_sum else f32(n), f32(n), f32(n, d) if grad_h else f32(0),
+                f32(vocab, d) if grad_weight else f32(0), f32(vocab) if grad_bias else f32(0))
+
+    @torch.library.register_fake("freezekern::linear_cross_entropy_backward")
+    def _lce_backward_fake(h, weight, target, bias, lse, grad_rows, softcap, ignore_index, need_h, need_weight,
+                           need_bias):
+        n, d = h.shape
+        vocab = weight.shape[0]
+
+        def f32(*shape):
+            return h.new_empty(shape, dtype=torch.float32)
+
+        return (f32(n, d) if need_h else f32(0), f32(vocab, d) if need_weight else f32(0),
+                f32(vocab) if need_bias else f32(0))
+
+    torch.library.register_autograd("freezekern::linear_cross_entropy", _lce_backward,
+                                    setup_context=_lce_setup_context)
+
+
+def _lce_setup_context(ctx, inputs, output):
+    from freezekern.ops.linear_cross_entropy import save_for_backward
+
+    h, weight, target, bias, softcap, ignore_index, reduce_sum, grad_h, grad_weight, grad_bias = inputs
+    _, lse, gh, gw, gb = output
+    ctx.mark_non_differentiable(lse, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # else the backward gets a zero [V, D] "gradient" of grad_weight
+    ctx.config = (softcap, ignore_index, reduce_sum)
+    ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+    save_for_backward(ctx, h, weight, bias, target, lse, (grad_h, grad_weight, grad_bias), gh, gw, gb)
+
+
+def _lce_backward(ctx, grad_loss, *unused):
+    from freezekern.ops.linear_cross_entropy import cast_grads, eager_grads, rows_gradient
+
+    softcap, ignore_index, reduce_sum = ctx.config
+    if grad_loss is None:  # the loss itself did not reach the output being differentiated
+        return (None,) * 10
+    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+    grads = eager_grads(ctx, grad_loss, reduce_sum, ignore_index)
+    if grads is None:
+        h, weight, bias, target, lse = ctx.saved_tensors
+        grad_rows = rows_gradient(grad_loss, reduce_sum, target, ignore_index)
+        grads = torch.ops.freezekern.linear_cross_entropy_backward.default(
+            h, weight, target, bias, lse, grad_rows, softcap, ignore_index, need_h, need_w, need_b)
+    dh, dw, db = cast_grads(grads, (need_h, need_w, need_b), ctx.dtypes)
+    return dh, dw, None, db, None, None, None, None, None, None
+
 
 _STATE = _load_extension()
 if _STATE.loaded:
@@ -114,11 +181,15 @@ def has_op(op: str, device: torch.device | str) -> bool:
     return _STATE.loaded and _device_type(device) in _STATE.kernels.get(op, frozenset())
 
 
-def unavailable_reason(device: torch.device | str | None = None) -> str:
-    """Why the native kernels cannot run on ``device`` ('' when they can)."""
+def unavailable_reason(device: torch.device | str | None = None, op: str | None = None) -> str:
+    """Why the native kernels (of ``op``, or all of them) cannot run on ``device`` ('' when they can)."""
     if not _STATE.loaded:
         return _STATE.reason
     dtype = _device_type(device)
+    if op is not None and not _STATE.kernels.get(op):
+        return f"freezekern._C was built before {op} existed: rebuild it, {_BUILD_HINT}"
+    if op is not None and dtype in _STATE.kernels[op]:
+        return ""
     if all(dtype in devices for devices in _STATE.kernels.values()):
         return ""
     if dtype == "cuda":
@@ -150,7 +221,8 @@ def info() -> dict[str, object]:
 
 def _require(op: str, device: torch.device) -> None:
     if not has_op(op, device):
-        raise RuntimeError(f"freezekern native {op} is unavailable on {_device_type(device)}: {unavailable_reason(device)}")
+        raise RuntimeError(
+            f"freezekern native {op} is unavailable on {_device_type(device)}: {unavailable_reason(device, op)}")
 
 
 def _norm_name(norm: str | None) -> str:
@@ -191,3 +263,26 @@ def logit_lens_deviation(
     return torch.ops.freezekern.logit_lens_deviation.default(
         h, weight, target, bias, _norm_name(norm), norm_weight, norm_bias, float(norm_eps), int(ignore_index)
     )
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    ignore_index: int,
+    reduce_sum: bool,
+    grad_h: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> torch.Tensor:
+    """Summed (or per-row, [N]) fp32 loss of the fused head, differentiable; see ``linear_cross_entropy.py``.
+
+    The ``grad_*`` flags ask the forward for those gradients (the eager
+    strategy); the others are recomputed by the backward op if needed.
+    """
+    _require("linear_cross_entropy", h.device)
+    return torch.ops.freezekern.linear_cross_entropy.default(
+        h, weight, target, bias, softcap, int(ignore_index), bool(reduce_sum), bool(grad_h), bool(grad_weight),
+        bool(grad_bias))[0]
