@@ -42,11 +42,12 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_step import _enable_checkpointing, _load
+from bench_step import _load
 
 from freezekern.fused_loss import fused_loss
 from freezekern.ops import linear_cross_entropy
 from freezekern.profiling import PeakMemory, release_memory
+from freezekern.training import enable_checkpointing
 from freezekern.truncate import apply, trainable_parameters
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
@@ -229,7 +230,7 @@ def _stepper(setup, variant: str):
     model = copy.deepcopy(setup.model)
     model.train()
     if variant.startswith("fk"):
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
         apply(model, setup.boundary, fused_loss=variant.endswith("_fused"))
     elif variant == "full_fused":
         fused_loss(model)

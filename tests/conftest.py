@@ -27,3 +27,12 @@ def tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2",
                                    unk_token="t3")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored afterwards): tiny models time more steadily on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,19 +20,14 @@ from freezekern.backward_profile import (
 from freezekern.cost import step_cost_parts
 from freezekern.truncate import active_handle
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 L = 6
 K = 3
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models time more steadily on one thread of a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(tie=True):

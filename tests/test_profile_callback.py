@@ -9,19 +9,15 @@ import freezekern as fk
 from freezekern.backward_profile import ProfileReport, prepare_setup
 from freezekern.integrations.profile_callback import BackwardProfileCallback
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 L = 6
 K = 3
 VOCAB = 98
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _Rows(torch.utils.data.Dataset):

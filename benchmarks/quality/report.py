@@ -170,7 +170,8 @@ def plot_task(out: Path, view: TaskView) -> list[str]:
     metric = "loss"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     start = view.baseline["test"][metric]
-    for name, records in view.records.items():
+    colors = plt.get_cmap("tab20").colors  # one colour per arm: there are more arms than tab10 has
+    for i, (name, records) in enumerate(view.records.items()):
         if not records:
             continue
         style = "-" if name in POLICY_ARMS else "--"
@@ -178,7 +179,7 @@ def plot_task(out: Path, view: TaskView) -> list[str]:
             points = view.curve(name, "test", metric, axis)
             offset = offset_of(name, view.plans) if axis == "flops" else 0.0
             ax.plot([offset] + [p[0] for p in points], [start] + [p[1] for p in points], style, marker="o",
-                    markersize=3, label=f"{name} (k={view.arms[name].boundary})")
+                    markersize=3, color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=f"{name} (k={view.arms[name].boundary})")
     everything = [(n, p[0], p[1]) for n, r in view.records.items() if r for p in view.curve(n, "test")]
     front = pareto(everything)
     axes[0].step([p[1] for p in front], [p[2] for p in front], where="post", color="black", alpha=0.35,
@@ -198,9 +199,11 @@ def plot_task(out: Path, view: TaskView) -> list[str]:
         if records:
             losses[arm.boundary] = mean_curve(records, "test_loss")[-1][1]
     for name, arm in view.arms.items():
-        if view.records[name] and not arm.lora and arm.boundary is not None and not arm.prefix_cache \
-                and name != "probe":
-            losses[arm.boundary] = view.at_budget(name, "test", 1.0)
+        if view.records[name] and not arm.lora and arm.boundary is not None and not arm.prefix_cache:
+            if name != "probe":
+                losses[arm.boundary] = view.at_budget(name, "test", 1.0)
+            else:  # its boundary by its own training run: the sweep compares boundaries, not the probe's charge
+                losses.setdefault(arm.boundary, mean_curve(view.records[name], "test_loss")[-1][1])
     sweep = sorted(losses.items())
     if sweep:
         fig, ax = plt.subplots(figsize=(8, 4.5))
