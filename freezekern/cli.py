@@ -17,6 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
+from freezekern.policy import DEFAULT_POLICY
+
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 TRACE_POLICIES = ("salf", "gain_share", "flops", "reduction")
 POLICIES = (*TRACE_POLICIES, "fixed", "fraction", "none")
@@ -36,7 +38,8 @@ def _add_model_args(parser: argparse.ArgumentParser, seq_len: int = 256) -> None
 
 def _add_plan_args(parser: argparse.ArgumentParser, policies=POLICIES) -> None:
     parser.add_argument("--metric", choices=["cosine", "logit_lens"], default="cosine")
-    parser.add_argument("--policy", choices=policies, default="salf")
+    parser.add_argument("--policy", choices=policies, default=DEFAULT_POLICY,
+                        help=f"boundary rule (default {DEFAULT_POLICY})")
     parser.add_argument("--trained-share", type=float, default=None,
                         help="at most this share of the blocks trains, in (0, 1] (trace policies)")
     parser.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)  # old name of --trained-share

@@ -14,8 +14,8 @@ Definitions follow docs/method.md (freezekern's documented reconstruction):
 * ``salf``: the candidate with the largest gain (ties to the deeper layer);
   when no gain reaches ``MIN_MOVE_SHARE`` of the drop D_s - D_L the trace
   has no semantic move and the plan falls back to freezing half the blocks;
-* ``gain_share``: the deepest candidate whose trained layers hold at least a
-  share q of the total positive gain;
+* ``gain_share`` (the default): the deepest candidate whose trained layers
+  hold at least a share q of the total positive gain, with salf's fallback;
 * ``flops``: the salf choice among candidates whose estimated step FLOPs are
   at most a share of full fine-tuning's (``freezekern.cost``);
 * ``reduction`` (argmax r_l), ``fixed``, ``fraction`` and ``none`` (full
@@ -48,6 +48,8 @@ MAX_TRANSIENT_SHARE = 1.0 / 3.0
 MIN_MOVE_SHARE = 0.02
 FALLBACK_FROZEN_SHARE = 0.5
 DEFAULT_GAIN_SHARE = 0.9
+# chosen on the validation splits of the quality study (docs/results.md); "salf" is the paper's rule
+DEFAULT_POLICY = "gain_share"
 PLAN_FILE = "freezekern_plan.json"  # where a plan is saved beside a checkpoint or a trained model
 
 
@@ -334,7 +336,7 @@ def _gain_share_boundary(gains: list[float], candidates: list[int], share: float
 
 def plan(
     trace,
-    policy: str = "salf",
+    policy: str = DEFAULT_POLICY,
     *,
     trained_share: float | None = None,
     min_trainable: int = 1,
@@ -433,10 +435,18 @@ def plan(
         if start > 1:
             notes.append(f"latent spaces 1..{start - 1} open with a transient (a reduction over "
                          f"{TRANSIENT_RATIO:g}x the median): left out of the fit and of the candidates")
+        significant, why = (True, "") if policy == "reduction" else \
+            move_is_significant(deviations, gains, candidates, start)
         if policy == "reduction":
             boundary = _best(r, candidates)
             runner_up = _runner_up(r, candidates, boundary)
             rule = f"reduction: layer {boundary} has the largest observed reduction ({r[boundary]:.4g})"
+        elif not significant:  # the gains are noise around the law: any rule on them would pick at random
+            wanted = int(round(FALLBACK_FROZEN_SHARE * num_layers))
+            boundary = min(candidates, key=lambda c: (abs(c - wanted), -c))
+            rule = (f"{policy} fallback: no semantic move stands out ({why}); "
+                    f"froze {FALLBACK_FROZEN_SHARE:.0%} of the blocks")
+            notes.append("the trace follows the depth law without a clear move: the boundary is the fallback")
         elif policy == "gain_share":
             gain_share = DEFAULT_GAIN_SHARE if gain_share is None else gain_share
             boundary, held = _gain_share_boundary(gains, candidates, gain_share)
@@ -444,18 +454,10 @@ def plan(
             rule = (f"gain_share: the deepest boundary whose trained layers hold at least {gain_share:.0%} of the "
                     f"positive gain (they hold {held:.0%})")
         else:
-            significant, why = move_is_significant(deviations, gains, candidates, start)
-            if significant:
-                boundary = _best(gains, candidates)
-                runner_up = _runner_up(gains, candidates, boundary)
-                rule = (f"{policy}: layer {boundary}'s reduction exceeds the depth law's by the most "
-                        f"(gain {gains[boundary]:.4g})")
-            else:
-                wanted = int(round(FALLBACK_FROZEN_SHARE * num_layers))
-                boundary = min(candidates, key=lambda c: (abs(c - wanted), -c))
-                rule = (f"{policy} fallback: no semantic move stands out ({why}); "
-                        f"froze {FALLBACK_FROZEN_SHARE:.0%} of the blocks")
-                notes.append("the trace follows the depth law without a clear move: the boundary is the fallback")
+            boundary = _best(gains, candidates)
+            runner_up = _runner_up(gains, candidates, boundary)
+            rule = (f"{policy}: layer {boundary}'s reduction exceeds the depth law's by the most "
+                    f"(gain {gains[boundary]:.4g})")
         extra = {
             "metric": trace.metric,
             "deviations": list(deviations),

@@ -39,12 +39,12 @@ def test_analyze_writes_plan_trace_and_plot(tiny_dir, text_file, tmp_path, capsy
                  "--seq-len", "32", "--out", str(out), "--metric", "logit_lens"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "<- boundary" in printed and "FreezePlan[salf/logit_lens]" in printed
+    assert "<- boundary" in printed and "FreezePlan[gain_share/logit_lens]" in printed
     plan = fk.FreezePlan.load(out / "plan.json")
     trace = fk.DeviationTrace.load(out / "trace.json")
     assert plan.num_layers == 5 and 2 <= plan.boundary <= 4 and trace.token_count > 0
     assert (out / "trace.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "plan.json").read_text())["policy"] == "salf"
+    assert json.loads((out / "plan.json").read_text())["policy"] == "gain_share"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -115,7 +115,7 @@ def test_finetune_trains_above_the_boundary_and_resumes(tiny_dir, tmp_path, caps
             "--seq-len", "32", "--eval-tokens", "128", "--out", str(out), "--lr", "1e-3"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "FreezePlan[salf/cosine]" in printed
+    assert "FreezePlan[gain_share/cosine]" in printed
     plan = fk.FreezePlan.load(out / "freezekern_plan.json")
     assert plan.num_layers == 5 and (out / "trace.json").is_file()
     report = json.loads((out / "report.json").read_text())["freezekern"]

@@ -46,7 +46,7 @@ def test_the_embedding_space_is_left_out_of_the_fit():
 
 def test_one_clear_jump_is_chosen():
     d = with_jump(30, 21, 0.2)  # layer 21 makes a move the smooth law does not explain
-    p = fk.plan(synthetic_trace(d))
+    p = fk.plan(synthetic_trace(d), "salf")
     assert p.boundary == 21 and p.policy == "salf" and "layer 21" in p.rule
     _, _, gains = layer_gains(d, fit_scaling_law(d))
     assert int(np.nanargmax(gains)) == 21
@@ -63,7 +63,7 @@ def test_an_early_transient_does_not_capture_the_rule(scale):
     d[2] = 0.5 * (d[1] + d[3])
     start = regime_start(d)
     assert start >= 2
-    p = fk.plan(synthetic_trace(d))
+    p = fk.plan(synthetic_trace(d), "salf")
     assert p.boundary == 12, p.rule
     assert any("transient" in n for n in p.notes)
     assert p.candidates[0] > start  # the transient's layers are no candidates
@@ -79,13 +79,15 @@ def test_choice_is_invariant_under_scale_and_shift(policy, transform):
     assert a.boundary == b.boundary and a.runner_up == b.runner_up and a.candidates == b.candidates
 
 
-def test_a_smooth_trace_gives_the_documented_fallback():
+@pytest.mark.parametrize("policy", ["salf", "gain_share", "flops"])
+def test_a_smooth_trace_gives_the_documented_fallback(policy):
     d = smooth(30)
-    p = fk.plan(synthetic_trace(d))
+    kwargs = {"flops_budget": 0.9} if policy == "flops" else {}
+    p = fk.plan(synthetic_trace(d), policy, **kwargs)
     assert p.boundary == round(FALLBACK_FROZEN_SHARE * 30) and "fallback" in p.rule
-    assert fk.plan(synthetic_trace([x * 3 + 1 for x in d])).boundary == p.boundary
+    assert fk.plan(synthetic_trace([x * 3 + 1 for x in d]), policy, **kwargs).boundary == p.boundary
     noisy = np.array(d) + 1e-4 * np.random.default_rng(0).standard_normal(len(d))
-    assert fk.plan(synthetic_trace(list(noisy))).boundary == p.boundary
+    assert fk.plan(synthetic_trace(list(noisy)), policy, **kwargs).boundary == p.boundary
 
 
 def test_ties_go_to_the_deeper_layer():
@@ -96,25 +98,25 @@ def test_ties_go_to_the_deeper_layer():
 
 def test_trained_share_and_min_trainable_bind():
     d = with_jump(30, 5, 0.3)
-    assert fk.plan(synthetic_trace(d)).boundary == 5
-    limited = fk.plan(synthetic_trace(d), trained_share=0.2)
+    assert fk.plan(synthetic_trace(d), "salf").boundary == 5
+    limited = fk.plan(synthetic_trace(d), "salf", trained_share=0.2)
     assert 30 - limited.boundary <= math.ceil(0.2 * 30) and limited.trained_share == 0.2
     d2 = with_jump(30, 29, 0.5)
-    assert fk.plan(synthetic_trace(d2), min_trainable=1).boundary == 29
-    assert fk.plan(synthetic_trace(d2), min_trainable=4).boundary <= 26
+    assert fk.plan(synthetic_trace(d2), "salf", min_trainable=1).boundary == 29
+    assert fk.plan(synthetic_trace(d2), "salf", min_trainable=4).boundary <= 26
 
 
 def test_deprecated_names_still_work():
     d = with_jump(30, 5, 0.3)
     with pytest.warns(DeprecationWarning, match="trained_share"):
-        old = fk.plan(synthetic_trace(d), budget=0.2)
-    assert old == fk.plan(synthetic_trace(d), trained_share=0.2)
+        old = fk.plan(synthetic_trace(d), "salf", budget=0.2)
+    assert old == fk.plan(synthetic_trace(d), "salf", trained_share=0.2)
     with pytest.warns(DeprecationWarning, match="boundary"):
         assert fk.plan(synthetic_trace(d), "fixed", n_frozen=4).boundary == 4
     with pytest.warns(DeprecationWarning, match="frozen_share"):
         assert fk.plan(synthetic_trace(d), "fraction", fraction=0.5).boundary == 15
     with pytest.raises(TypeError, match="only"):
-        fk.plan(synthetic_trace(d), trained_share=0.2, budget=0.2)
+        fk.plan(synthetic_trace(d), "salf", trained_share=0.2, budget=0.2)
     with pytest.warns(DeprecationWarning):
         assert old.budget == 0.2
     saved = old.to_dict()
@@ -124,11 +126,11 @@ def test_deprecated_names_still_work():
 
 def test_no_candidate_is_a_clear_error():
     with pytest.raises(ValueError, match="L >= 3"):
-        fk.plan(synthetic_trace(smooth(2)))
+        fk.plan(synthetic_trace(smooth(2)), "salf")
     with pytest.raises(ValueError, match="raise trained_share or lower min_trainable"):
-        fk.plan(synthetic_trace(smooth(10)), trained_share=0.1, min_trainable=2)
+        fk.plan(synthetic_trace(smooth(10)), "salf", trained_share=0.1, min_trainable=2)
     with pytest.raises(ValueError, match="trained_share must lie in"):
-        fk.plan(synthetic_trace(smooth(10)), trained_share=1.5)
+        fk.plan(synthetic_trace(smooth(10)), "salf", trained_share=1.5)
     with pytest.raises(ValueError, match="flops_budget"):
         fk.plan(synthetic_trace(smooth(10)), "flops")
     with pytest.raises(ValueError, match="cheapest candidate"):
@@ -196,7 +198,7 @@ def test_other_policies_and_errors():
 
 
 def test_plan_json_round_trip_and_str(tmp_path):
-    p = fk.plan(synthetic_trace(with_jump(12, 6, 0.2)))
+    p = fk.plan(synthetic_trace(with_jump(12, 6, 0.2)), "salf")
     path = tmp_path / "plan.json"
     p.save(path)
     again = fk.FreezePlan.load(path)
@@ -206,3 +208,13 @@ def test_plan_json_round_trip_and_str(tmp_path):
     assert f"why:    {p.rule}" in text and f"runner-up: boundary {p.runner_up}" in text
     data = json.loads(path.read_text())
     assert data["rule"] == p.rule and data["runner_up"] == p.runner_up
+
+
+def test_the_default_rule_is_gain_share_everywhere():
+    from freezekern.cli import build_parser
+    from freezekern.integrations.hf_trainer import FreezeKernCallback
+
+    t = synthetic_trace(with_jump(30, 24, 0.4))
+    assert fk.plan(t) == fk.plan(t, "gain_share")
+    assert build_parser().parse_args(["analyze"]).policy == "gain_share"
+    assert FreezeKernCallback().policy == "gain_share"

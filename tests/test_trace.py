@@ -180,5 +180,5 @@ def test_default_model_loss_and_boundary(default_model):
             count += n
     assert trace.deviations[-1] == pytest.approx(total / count, rel=1e-4)
     assert 1.0 < trace.deviations[-1] < 4.0  # code perplexity of a 135M model
-    plan = fk.plan(trace)
+    plan = fk.plan(trace, "salf")
     assert 2 <= plan.boundary <= 29 and plan.tied and not plan.train_head

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from freezekern.trials import Arm
@@ -25,3 +27,44 @@ def load_runs(path: Path) -> dict[str, dict]:
                 continue
             runs[record["key"]] = record
     return runs
+
+
+def _claim_path(out: Path, key: str) -> Path:
+    return Path(out) / ".claims" / (hashlib.sha1(key.encode()).hexdigest() + ".pid")
+
+
+def claim(out: Path, key: str) -> bool:
+    """Reserve the run ``key`` for this process (an exclusively created file holding its pid).
+
+    False when a live process holds it; a claim left by a process that died is taken over.
+    """
+    path = _claim_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+        except (OSError, ValueError):
+            return False
+        if not pid or _alive(pid):  # 0: the owner has created the file and not yet written its pid
+            return False
+        path.unlink(missing_ok=True)
+        return claim(out, key)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def release(out: Path, key: str) -> None:
+    _claim_path(out, key).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from runs import load_runs, run_key  # noqa: E402
+from runs import claim, load_runs, release, run_key  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 import freezekern as fk  # noqa: E402
@@ -97,7 +97,7 @@ def make_plans(model, task, settings: Settings) -> dict:
     traces = {m: fk.analyze(model, task.calibration, metric=m, progress=False) for m in ("cosine", "logit_lens")}
     plans = {}
     for metric, trace in traces.items():
-        plans[f"salf/{metric}"] = fk.plan(trace)
+        plans[f"salf/{metric}"] = fk.plan(trace, "salf")
         plans[f"gain_share/{metric}"] = fk.plan(trace, "gain_share")
         plans[f"reduction/{metric}"] = fk.plan(trace, "reduction")
         plans[f"flops/{metric}"] = fk.plan(trace, "flops", flops_budget=settings.flops_budget)
@@ -182,9 +182,13 @@ def run_jobs(model, task, jobs: list[tuple[Arm, int, float, tuple, tuple]], runs
     """Train this shard's share of ``jobs`` (arm, seed, budget, checkpoints, eval splits); wait for the rest."""
     mine, count = shard
     keys = [run_key(task.name, arm, seed, budget) for arm, seed, budget, _, _ in jobs]
-    todo = [i for i, key in enumerate(keys) if key not in runs and i % count == mine]
-    log(f"[{task.name}] {stage}: {len(jobs)} runs, {sum(k in runs for k in keys)} done, {len(todo)} for this shard")
-    for i in todo:
+    pending = [i for i, key in enumerate(keys) if key not in runs]
+    log(f"[{task.name}] {stage}: {len(jobs)} runs, {len(keys) - len(pending)} done, {len(pending)} to train")
+    # every shard starts at its own offset, then takes whatever no live process has claimed
+    for i in pending[mine::count] + [i for j, i in enumerate(pending) if j % count != mine]:
+        runs.update(load_runs(runs_path))
+        if keys[i] in runs or not claim(runs_path.parent, keys[i]):
+            continue
         arm, seed, budget, checkpoints, splits = jobs[i]
         started = time.perf_counter()
         result = train_arm(model, arm, task.train, {s: getattr(task, s) for s in splits}, budget_steps=budget,
@@ -194,6 +198,7 @@ def run_jobs(model, task, jobs: list[tuple[Arm, int, float, tuple, tuple]], runs
         with open(runs_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         runs[keys[i]] = record
+        release(runs_path.parent, keys[i])
         last = record["rows"][-1]
         log(f"[{task.name}] {stage} {arm.key()} seed {seed}: {result.steps} steps, validation "
             f"{last['validation_loss']:.4f}" + (f", test {last['test_loss']:.4f}" if "test_loss" in last else "")

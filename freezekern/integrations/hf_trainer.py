@@ -68,7 +68,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from freezekern.integrations.distributed import agree_on_boundary, agree_on_plan, is_distributed, merge_traces
-from freezekern.policy import PLAN_FILE, FreezePlan
+from freezekern.policy import DEFAULT_POLICY, PLAN_FILE, FreezePlan
 from freezekern.policy import plan as make_plan
 from freezekern.trace import DeviationTrace, analyze
 from freezekern.truncate import FreezeHandle, active_handle, apply, move_boundary
@@ -97,7 +97,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     def __init__(
         self,
         plan: FreezePlan | dict | None = None,
-        policy: str = "salf",
+        policy: str = DEFAULT_POLICY,
         metric: str = "cosine",
         trained_share: float | None = None,
         calibration_batches: int = 4,
