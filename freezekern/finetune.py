@@ -120,7 +120,8 @@ def _find_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _mismatch(saved: dict, meta: dict) -> str | None:
-    for key in ("boundary", "fingerprint", "lora", "gradient_checkpointing", "lr", "data", "seed", "cut"):
+    for key in ("boundary", "fingerprint", "lora", "gradient_checkpointing", "lr", "data", "seed", "cut",
+                "fused_loss"):
         if saved.get(key) != meta.get(key):
             return f"{key} differs (checkpoint: {saved.get(key)!r}, now: {meta.get(key)!r})"
     return None
@@ -255,7 +256,8 @@ def finetune(
     fingerprint = discover(model).fingerprint()
     meta = {"boundary": plan.boundary, "fingerprint": fingerprint, "lora": bool(lora),
             "gradient_checkpointing": bool(gradient_checkpointing), "lr": lr, "steps": steps,
-            "data": _data_signature(train_batches), "seed": seed, "cut": plan.cut}
+            "data": _data_signature(train_batches), "seed": seed, "cut": plan.cut,
+            "fused_loss": bool(fused_loss)}
     report: dict = {
         "plan": {"policy": plan.policy, "metric": plan.metric, "boundary": plan.boundary,
                  "num_layers": plan.num_layers, "backward_fraction": plan.backward_fraction,

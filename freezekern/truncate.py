@@ -480,19 +480,28 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeH
     before = {id(p) for p in trainable_parameters(model)}
     source = handle.boundary_source
     old_plan = handle.plan if handle.plan is not None else handle.boundary
-    handle.remove()
+    # the fused loss does not depend on the boundary: it stays installed and moves to the new handle
+    fused, handle.fused_loss = handle.fused_loss, None
+    fused = fused if fused is not None and fused.active else None
+    try:
+        handle.remove()
+    except BaseException:
+        handle.fused_loss = fused
+        raise
     try:
         new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                    frozen_adapters="freeze", fused_loss=handle.fused_loss is not None)
+                    frozen_adapters="freeze")
     except BaseException:
         for p in model.parameters():  # restore the old flags, then the old cut
             if id(p) in before:
                 p.requires_grad_(True)
         restored = apply(model, old_plan, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                         frozen_adapters="freeze", fused_loss=handle.fused_loss is not None)
+                         frozen_adapters="freeze")
+        restored.fused_loss = fused
         if source is not None and hasattr(source, "moved"):
             source.moved(restored)
         raise
+    new.fused_loss = fused
     newly_frozen = [p for p in model.parameters() if id(p) in before and not p.requires_grad]
     inner = getattr(optimizer, "optimizer", optimizer)
     for p in newly_frozen:
@@ -569,7 +578,7 @@ def apply(
             f"a freeze plan is already applied to this model ({existing!r}); call handle.remove() first"
         )
     if plan is not None and not plan.cut:
-        return _apply_no_cut(model, parts, plan)
+        return _apply_no_cut(model, parts, plan, fused_loss=fused_loss)
     if train_head is None:
         train_head = plan.train_head if plan is not None else not parts.tied
     if train_final_norm is None:
@@ -658,10 +667,17 @@ def apply(
     return handle
 
 
-def _apply_no_cut(model: nn.Module, parts: ModelParts, plan: FreezePlan) -> FreezeHandle:
-    """A full-fine-tuning plan: nothing frozen, no forward changed; the handle only marks the model."""
+def _apply_no_cut(model: nn.Module, parts: ModelParts, plan: FreezePlan, *, fused_loss: bool) -> FreezeHandle:
+    """A full-fine-tuning plan: nothing frozen, no block forward changed; the handle marks the model.
+
+    ``fused_loss``: the loss still comes from the fused LM-head op (``freezekern.fused_loss``).
+    """
     state = _CutState(boundary=0, blocks=parts.blocks, recorded_blocks=list(parts.blocks))
     handle = FreezeHandle(model, parts, 0, plan, True, True, state, cut=False)
+    if fused_loss:
+        from freezekern.fused_loss import fused_loss as apply_fused_loss
+
+        handle.fused_loss = apply_fused_loss(model, parts=parts)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         logger.info("full-fine-tuning plan applied; %d parameter tensors were already frozen before (e.g. %s) and "

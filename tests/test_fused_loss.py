@@ -232,6 +232,49 @@ def test_move_boundary_keeps_the_fused_loss():
     assert not active_fused_loss(model)
 
 
+def test_move_boundary_carries_the_fused_loss_over_and_never_reinstalls_it():
+    from freezekern.truncate import move_boundary
+
+    model = _model()
+    handle = apply(model, 1, fused_loss=True)
+    fused = handle.fused_loss
+    moved = move_boundary(handle, 2)
+    assert moved.fused_loss is fused and fused.active  # the same installation, not removed and re-made
+    fused.remove()
+    again = move_boundary(moved, 3)
+    assert again.fused_loss is None and not active_fused_loss(model)  # the user's removal stands
+    again.remove()
+
+
+def test_a_full_finetuning_plan_keeps_the_fused_loss():
+    from freezekern.policy import plan as make_plan
+
+    model = _model()
+    handle = apply(model, make_plan(discover(model).summary(), "none"), fused_loss=True)
+    assert not handle.cut and handle.fused_loss is not None and active_fused_loss(model)
+    assert all(p.requires_grad for p in model.parameters())
+    out = model(**_batch())
+    assert out.logits is None and torch.isfinite(out.loss)
+    handle.remove()
+    assert not active_fused_loss(model) and model(**_batch()).logits is not None
+
+
+def test_callback_installs_the_fused_loss_before_the_trainer_wraps_the_forward(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from freezekern.integrations import FreezeKernCallback
+
+    model = _model()
+    data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in (_batch(seed=s) for s in range(4))]
+    callback = FreezeKernCallback(fused_loss=True, calibration_batches=1)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, bf16=True,
+                             use_cpu=True, report_to=[], save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()  # bf16 autocast replaces model.forward at prepare: installing the fused loss then would fail
+    assert callback.fused_loss_handle is not None and callback.fused_loss_handle.stats["fused"] >= 2
+    assert callback.state()["args"]["fused_loss"] is True  # a resumed callback keeps it
+    assert callback.handle.fused_loss is None  # owned by the callback, untouched by boundary moves
+
 # ---------------------------------------------------------------- dtypes
 
 
@@ -427,7 +470,7 @@ def test_trainer_callback_with_cut(tmp_path):
     plain = _train(reference, tmp_path / "plain", [FreezeKernCallback(plan=plan)])
     callback = FreezeKernCallback(plan=plan, fused_loss=True)
     fused = _train(model, tmp_path / "fused", [callback])
-    assert callback.handle.fused_loss is not None and callback.handle.fused_loss.stats["fused"] == 6
+    assert callback.fused_loss_handle is not None and callback.fused_loss_handle.stats["fused"] == 6
     _assert_same_weights(fused, plain, before)
 
 

@@ -132,6 +132,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         self.train_head = train_head
         self.frozen_adapters = frozen_adapters
         self.fused_loss = fused_loss
+        self.fused_loss_handle = None  # a freezekern.fused_loss.FusedLossHandle once installed
         self.policy_kwargs = dict(policy_kwargs or {})
         self.trace: DeviationTrace | None = None
         self.handle: FreezeHandle | None = None
@@ -167,8 +168,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
                 return
             existing.remove()
         policy = "freeze" if self.frozen_adapters is None else self.frozen_adapters
-        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=policy,
-                            fused_loss=self.fused_loss)
+        if self.fused_loss:
+            self._install_fused_loss(model)
+        self.handle = apply(model, plan, train_head=self.train_head, frozen_adapters=policy)
         self.plan = plan
         frozen = self.handle.frozen_adapter_names
         if frozen and self.frozen_adapters is None:
@@ -181,13 +183,24 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         logger.info("freezekern boundary: blocks 1..%d of %d frozen, backward through %d blocks\n%s",
                     plan.boundary, plan.num_layers, plan.num_layers - plan.boundary, plan)
 
+    def _install_fused_loss(self, model) -> None:
+        """The fused loss on ``model``, once, independent of the freeze handle and of boundary moves.
+
+        Installed at init when possible: the Trainer's accelerate wrap (autocast under bf16/fp16) later
+        replaces the model's forward, after which it can no longer be installed.
+        """
+        from freezekern.fused_loss import active_fused_loss, fused_loss
+
+        if not active_fused_loss(model):
+            self.fused_loss_handle = fused_loss(model)
+
     # -- ExportableState: the plan travels in every checkpoint's trainer_state.json ---------------
     def state(self) -> dict:
         return {
             "args": {"policy": self.policy, "metric": self.metric, "trained_share": self.trained_share,
                      "calibration_batches": self.calibration_batches, "reselect_every": self.reselect_every,
                      "train_head": self.train_head, "frozen_adapters": self.frozen_adapters,
-                     "policy_kwargs": self.policy_kwargs},
+                     "fused_loss": self.fused_loss, "policy_kwargs": self.policy_kwargs},
             "attributes": {"plan": self.plan.to_dict() if self.plan is not None else None,
                            "moves": [list(m) for m in self.moves]},
         }
@@ -228,6 +241,8 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
+        if self.fused_loss:
+            self._install_fused_loss(model)
         if self.plan is None and self.calibration_data is not None:
             self.plan = self._analyse(model, self.calibration_data)
         if self.plan is not None:
