@@ -211,7 +211,9 @@ def plot_task(out: Path, view: TaskView) -> list[str]:
         full = view.at_budget("full", "test", 1.0)
         if full is not None:
             ax.axhline(full, color="tab:green", linestyle="--", label="full fine-tuning")
-        ax.axhline(view.baseline["test"]["loss"], color="gray", linestyle=":", label="no training")
+        untrained = view.baseline["test"]["loss"]
+        if untrained <= 2 * max(v for _, v in sweep):  # far above, it would flatten the sweep to a line
+            ax.axhline(untrained, color="gray", linestyle=":", label="no training")
         for policy, color in (("salf/cosine", "tab:red"), ("probe", "tab:purple")):
             ax.axvline(view.arms[policy].boundary, color=color, linestyle=":", label=f"{policy} boundary")
         ax.set_xlabel("boundary k (blocks frozen)")
