@@ -87,8 +87,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     instead; ``reselect_every`` N for progressive freezing; ``train_head`` goes
     to ``freezekern.apply``; ``frozen_adapters`` None (freeze adapters below
     the boundary, with a warning), "freeze" (silently) or "refuse";
-    ``fused_loss`` (the fused LM-head loss: no logits are built for forwards
-    with labels, see ``freezekern.fused_loss``) goes to ``freezekern.apply``;
+    ``fused_loss`` installs the fused LM-head loss (no logits are built for
+    forwards with labels, see ``freezekern.fused_loss``) at init, once, kept
+    across boundary moves (``fused_loss_handle``);
     ``policy_kwargs`` (e.g. ``{"boundary": 3}`` for policy "fixed") to
     ``freezekern.plan``. ``plan`` may be a FreezePlan or its dict form.
     ``budget`` is the deprecated name of ``trained_share``.
