@@ -36,3 +36,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """A factory of character-level tokenizers over printable ASCII (98 ids; 0 pads, 1 starts, 2 ends a
+    text), built offline; each call gives a fresh one (trainers may change the one they get)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def make():
+        vocab = {chr(i): i - 30 for i in range(32, 127)}
+        vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+        backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+        backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                       eos_token="</s>")
+
+    return make

@@ -10,17 +10,10 @@ from freezekern.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+def tiny_dir(tmp_path_factory, char_tokenizer):
     path = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {chr(i): i - 30 for i in range(32, 127)}
-    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    model = fk.tiny_model("llama", num_layers=5, vocab=len(vocab))
+    tokenizer = char_tokenizer()
+    model = fk.tiny_model("llama", num_layers=5, vocab=len(tokenizer))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -171,19 +171,13 @@ def test_axolotl_export_reads_the_default_model_without_weights():
 
 # -- TRL / transformers and JSON ------------------------------------------------------------------
 
-def test_trl_snippet_builds_a_trainer_that_trains_the_plan(tmp_path, monkeypatch):
+def test_trl_snippet_builds_a_trainer_that_trains_the_plan(tmp_path, monkeypatch, char_tokenizer):
     pytest.importorskip("trl")
     from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig
 
-    vocab = {chr(i): i - 30 for i in range(32, 127)}
-    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    model = fk.tiny_model("llama", num_layers=L, hidden=32, vocab=len(vocab), tie=False)
+    tokenizer = char_tokenizer()
+    model = fk.tiny_model("llama", num_layers=L, hidden=32, vocab=len(tokenizer), tie=False)
     plan = _plan(model)
     plan.save(tmp_path / "plan.json")
     out = tmp_path / "train.py"

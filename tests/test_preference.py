@@ -21,15 +21,8 @@ K = 3
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i - 30 for i in range(32, 127)}
-    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+def tokenizer(char_tokenizer):
+    return char_tokenizer()
 
 
 def _model(tokenizer, seed=0):

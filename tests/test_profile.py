@@ -289,17 +289,10 @@ def test_bad_input_is_refused_before_any_step():
 # -- command line -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+def tiny_dir(tmp_path_factory, char_tokenizer):
     path = tmp_path_factory.mktemp("tiny-llama-profile")
-    vocab = {chr(i): i - 30 for i in range(32, 127)}
-    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    fk.tiny_model("llama", num_layers=L, hidden=32, vocab=len(vocab)).save_pretrained(path)
+    tokenizer = char_tokenizer()
+    fk.tiny_model("llama", num_layers=L, hidden=32, vocab=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

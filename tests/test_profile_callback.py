@@ -93,19 +93,13 @@ def test_trainer_steps_profiled_and_training_unchanged(tmp_path, capsys, reentra
 
 
 @pytest.mark.slow
-def test_sft_trainer(tmp_path):
+def test_sft_trainer(tmp_path, char_tokenizer):
     pytest.importorskip("trl")
     from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
-    vocab = {chr(i): i - 30 for i in range(32, 127)}
-    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    model = prepare_setup(fk.tiny_model("llama", num_layers=L, hidden=32, vocab=len(vocab), tie=True), boundary=K)
+    tokenizer = char_tokenizer()
+    model = prepare_setup(fk.tiny_model("llama", num_layers=L, hidden=32, vocab=len(tokenizer), tie=True), boundary=K)
     dataset = Dataset.from_dict({"text": [f"def f{i}(x): return x * {i}" for i in range(24)]})
     callback = BackwardProfileCallback(steps=2, warmup=1, repeats=1, print_verdict=False)
     args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3,
