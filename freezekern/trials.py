@@ -15,9 +15,11 @@ instead (evaluation excluded).
     result = freezekern.trials.run_trials(model, train_batches, heldout_batches,
                                           [Arm("full", None), Arm("k=12", 12, lr=3e-4)], budget_steps=20)
 
-Training: AdamW (no weight decay) at a constant learning rate, gradient
-norm clipped at 1, training batches cycled in a seeded order that changes
-every epoch; every arm starts from the same weights and, for one seed, sees
+Training: AdamW with the arm's ``Schedule`` (``freezekern.schedule``:
+weight decay on matrices, linear warmup, constant / linear / cosine decay
+over the budget; the default is a constant rate without weight decay),
+gradient norm clipped at 1, training batches cycled in a seeded order that
+changes every epoch; every arm starts from the same weights and, for one seed, sees
 the batches in the same order. ``probe_plan`` uses the same engine on a few
 candidate boundaries to choose one (the ``probe`` policy).
 """
@@ -34,12 +36,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from freezekern.adapters import discover
 from freezekern.cost import StepSetup, flop_costs, full_finetuning, step_cost
+from freezekern.io import atomic_write_bytes
 from freezekern.policy import FreezePlan
+from freezekern.schedule import Schedule, adamw, set_lr
 from freezekern.training import device_of, enable_checkpointing, evaluate, seed_everything, to_device
 from freezekern.truncate import apply, trainable_parameters
 
@@ -183,6 +188,8 @@ def train_arm(
     checkpointing: bool = False,
     evaluate_fn: Callable | None = None,
     progress: bool = True,
+    schedule: Schedule | None = None,
+    state_path=None,
 ) -> ArmResult:
     """Train a copy of ``model`` as ``arm`` until the budget is spent; evaluate at each checkpoint.
 
@@ -190,7 +197,12 @@ def train_arm(
     ``budget_seconds``: measured training seconds (one of the two).
     ``checkpoints``: increasing fractions of the budget in (0, 1].
     ``evaluate_fn(model, batches) -> dict`` with at least ``"loss"`` (default:
-    the token-weighted next-token loss). ``model`` is not changed.
+    the token-weighted next-token loss). ``schedule``: weight decay, warmup
+    and decay over the budget (default: constant rate, no weight decay).
+    ``state_path``: a file where the run's state (trainable tensors,
+    optimizer, position, rows so far) is written at every checkpoint; a run
+    started again with the same file continues from its last checkpoint (the
+    file is removed when the run ends). ``model`` is not changed.
     """
     from tqdm.auto import tqdm
 
@@ -212,14 +224,25 @@ def train_arm(
     if budget_steps is not None and budget_steps < cost_miss:
         raise ValueError(f"arm {arm.name!r}: the budget ({budget_steps:g} full-step equivalents) is smaller than "
                          f"one of its steps ({cost_miss:.3f})")
+    schedule = schedule or Schedule()
     work, handle, cache = _build(model, arm, seed, checkpointing)
     device = device_of(work)
     params = trainable_parameters(work)
-    optimizer = torch.optim.AdamW(params, lr=arm.lr, weight_decay=0.0)
+    optimizer = adamw(work.named_parameters(), arm.lr, schedule.weight_decay)
     result = ArmResult(arm=arm, seed=seed, step_cost=cost_miss, trainable_params=sum(p.numel() for p in params))
     order = _order(len(train_batches), seed)
     flops = seconds = 0.0
     pending = list(checkpoints)
+    identity = {"arm": arm.key(), "seed": seed, "budget": budget, "unit": "steps" if budget_steps else "seconds",
+                "checkpoints": checkpoints, "schedule": schedule.to_dict(), "batches": len(train_batches)}
+    saved = _load_run_state(state_path, identity)
+    if saved is not None:
+        _restore_run_state(work, optimizer, saved)
+        result.rows, result.steps, flops, seconds = saved["rows"], saved["steps"], saved["flops"], saved["seconds"]
+        result.train_loss_last = saved["train_loss_last"]
+        pending = [c for c in checkpoints if c not in {row["fraction"] for row in result.rows}]
+        for _ in range(result.steps):
+            next(order)
     unit = "full steps" if budget_steps is not None else "s"
     bar = tqdm(total=round(budget, 2), desc=f"{arm.name} (lr {arm.lr:g}, seed {seed})", unit=unit,
                disable=not progress, leave=False, file=sys.stderr,
@@ -232,6 +255,8 @@ def train_arm(
             if budget_steps is not None and spent + next_cost > budget * (1 + 1e-9):
                 break
             batch = to_device(train_batches[next(order)], device)
+            set_lr(optimizer, schedule.factor(spent / budget, (spent + next_cost) / budget)
+                   if budget_steps is not None else schedule.factor(spent / budget, spent / budget))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -256,6 +281,8 @@ def train_arm(
             while pending and now >= pending[0] * budget * (1 - 1e-9):
                 result.rows.append(_checkpoint(work, eval_sets, evaluate_fn, pending.pop(0), result.steps,
                                                flops, seconds))
+                if pending:
+                    _save_run_state(state_path, identity, work, optimizer, result, flops, seconds)
         for fraction in pending:  # the budget ran out between checkpoints: the last ones get the final state
             result.rows.append(_checkpoint(work, eval_sets, evaluate_fn, fraction, result.steps, flops, seconds))
     finally:
@@ -266,7 +293,47 @@ def train_arm(
         if handle is not None and handle.active:
             handle.remove()
         del work, optimizer
+    if state_path is not None:
+        Path(state_path).unlink(missing_ok=True)
     return result
+
+
+def _save_run_state(path, identity: dict, work, optimizer, result: ArmResult, flops: float, seconds: float) -> None:
+    """The state a run needs to continue after its last checkpoint (written atomically)."""
+    if path is None:
+        return
+    import io
+
+    state = {"identity": identity, "trainable": {n: p.detach().cpu() for n, p in work.named_parameters()
+                                                 if p.requires_grad},
+             "optimizer": optimizer.state_dict(), "rows": result.rows, "steps": result.steps, "flops": flops,
+             "seconds": seconds, "train_loss_last": result.train_loss_last, "rng": torch.get_rng_state()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _load_run_state(path, identity: dict) -> dict | None:
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a damaged file: start over
+        logger.warning("ignoring the run state in %s (%s); starting the run over", path, error)
+        return None
+    if state.get("identity") != identity:
+        logger.warning("the run state in %s belongs to another run; starting over", path)
+        return None
+    return state
+
+
+def _restore_run_state(work, optimizer, state: dict) -> None:
+    named = dict(work.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
 
 
 def _checkpoint(model, eval_sets, evaluate_fn, fraction, steps, flops, seconds) -> dict:
@@ -407,6 +474,7 @@ def run_trials(
     done: dict[str, ArmResult] | None = None,
     on_result: Callable[[ArmResult], None] | None = None,
     progress: bool = True,
+    schedule: Schedule | None = None,
 ) -> CompareResult:
     """Train every arm at equal compute and recommend the cheapest within ``tolerance`` of the best.
 
@@ -438,7 +506,7 @@ def run_trials(
                 print(f"[{index + 1}/{len(arms)}] {arm.name}", file=sys.stderr, flush=True)
             result = train_arm(model, arm, train_batches, {"heldout": heldout_batches}, budget_steps=budget_steps,
                                budget_seconds=budget_seconds, checkpoints=checkpoints, seed=seed,
-                               checkpointing=checkpointing, progress=progress)
+                               checkpointing=checkpointing, progress=progress, schedule=schedule)
             if on_result is not None:
                 on_result(result)
         results.append(result)
