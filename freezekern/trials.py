@@ -62,7 +62,10 @@ class Arm:
     linear layer of a block) on blocks k+1..L instead of training their
     weights. ``prefix_cache``: serve the boundary state of samples seen
     before (``freezekern.prefix_cache``). ``train_head``: as for
-    ``freezekern.apply`` (None: the plan's default).
+    ``freezekern.apply`` (None: the plan's default). ``moving``: a boundary
+    that moves with training (``freezekern.moving.MovingSchedule`` fields
+    ``start``, ``begin``, ``finish``, optionally ``settle``; it ends at
+    ``boundary``), e.g. ``{"start": 0, "begin": 0.1, "finish": 0.6}``.
     """
 
     name: str
@@ -72,12 +75,29 @@ class Arm:
     prefix_cache: bool = False
     train_head: bool | None = None
     lora_kwargs: dict | None = None
+    moving: dict | None = None
+
+    def __post_init__(self):
+        if self.moving is not None:
+            if self.boundary is None or self.lora or self.prefix_cache:
+                raise ValueError(f"arm {self.name!r}: a moving boundary needs a final boundary, without LoRA or "
+                                 "the prefix cache")
+            self.schedule()  # checks the fields
+
+    def schedule(self):
+        """The arm's ``MovingSchedule`` (None for a static boundary)."""
+        if self.moving is None:
+            return None
+        from freezekern.moving import MovingSchedule
+
+        return MovingSchedule(end=self.boundary, **self.moving)
 
     def key(self) -> str:
         """What makes two arms train identically (the name is only a label)."""
         extra = f"|head={self.train_head}" if self.train_head is not None else ""
         lora = f"|lora={sorted((self.lora_kwargs or DEFAULT_LORA).items())}" if self.lora else ""
-        return f"k={self.boundary}|lr={self.lr:g}|cache={int(self.prefix_cache)}{lora}{extra}"
+        moving = f"|moving={sorted(self.moving.items())}" if self.moving is not None else ""
+        return f"k={self.boundary}|lr={self.lr:g}|cache={int(self.prefix_cache)}{lora}{extra}{moving}"
 
 
 @dataclass
@@ -97,6 +117,7 @@ class ArmResult:
     trainable_params: int = 0
     cache: dict | None = None
     train_loss_last: float | None = None
+    moves: list[dict] | None = None  # a moving boundary's moves: {"fraction", "step", "from", "to", "why"}
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -154,7 +175,8 @@ def _build(model, arm: Arm, seed: int, checkpointing: bool):
         enable_checkpointing(work)
     handle = cache = None
     if arm.boundary is not None:
-        handle = apply(work, arm.boundary, train_head=False if arm.lora else arm.train_head)
+        first = arm.moving["start"] if arm.moving is not None else arm.boundary
+        handle = apply(work, first, train_head=False if arm.lora else arm.train_head)
         if arm.prefix_cache:
             from freezekern.prefix_cache import PrefixCache
 
@@ -218,7 +240,9 @@ def train_arm(
         raise ValueError("no training batches")
     evaluate_fn = evaluate_fn or (lambda m, b: {"loss": evaluate(m, b)})
     parts = discover(model)
-    cost_miss = arm_step_cost(arm, parts, checkpointing=checkpointing)
+    moving = arm.schedule()
+    static = dataclasses.replace(arm, boundary=moving.start, moving=None) if moving is not None else arm
+    cost_miss = arm_step_cost(static, parts, checkpointing=checkpointing)
     cost_hit = arm_step_cost(arm, parts, checkpointing=checkpointing, prefix_skipped=True) \
         if arm.prefix_cache else cost_miss
     if budget_steps is not None and budget_steps < cost_miss:
@@ -229,6 +253,11 @@ def train_arm(
     device = device_of(work)
     params = trainable_parameters(work)
     optimizer = adamw(work.named_parameters(), arm.lr, schedule.weight_decay)
+    mover = None
+    if moving is not None:
+        from freezekern.moving import MovingBoundary
+
+        mover = MovingBoundary(handle, moving, optimizer=optimizer)
     result = ArmResult(arm=arm, seed=seed, step_cost=cost_miss, trainable_params=sum(p.numel() for p in params))
     order = _order(len(train_batches), seed)
     flops = seconds = 0.0
@@ -237,6 +266,13 @@ def train_arm(
                 "checkpoints": checkpoints, "schedule": schedule.to_dict(), "batches": len(train_batches)}
     saved = _load_run_state(state_path, identity)
     if saved is not None:
+        if mover is not None and saved.get("boundary", moving.start) > mover.boundary:
+            from freezekern.truncate import move_boundary
+
+            mover.handle = handle = move_boundary(handle, saved["boundary"], optimizer=optimizer)
+            mover.moves = saved["moves"]
+            cost_miss = arm_step_cost(dataclasses.replace(static, boundary=handle.boundary), parts,
+                                      checkpointing=checkpointing)
         _restore_run_state(work, optimizer, saved)
         result.rows, result.steps, flops, seconds = saved["rows"], saved["steps"], saved["flops"], saved["seconds"]
         result.train_loss_last = saved["train_loss_last"]
@@ -271,6 +307,14 @@ def train_arm(
             served = handle is not None and handle.stats["served"] > hits_before
             flops += cost_hit if served else cost_miss
             result.steps += 1
+            if mover is not None:
+                now = flops if budget_steps is not None else seconds
+                k = mover.boundary
+                handle = mover.update(now / budget, result.steps)
+                if handle.boundary != k:
+                    params = trainable_parameters(work)
+                    cost_miss = arm_step_cost(dataclasses.replace(static, boundary=handle.boundary), parts,
+                                              checkpointing=checkpointing)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"arm {arm.name!r} (lr {arm.lr:g}): the training loss became {value} "
@@ -282,11 +326,13 @@ def train_arm(
                 result.rows.append(_checkpoint(work, eval_sets, evaluate_fn, pending.pop(0), result.steps,
                                                flops, seconds))
                 if pending:
-                    _save_run_state(state_path, identity, work, optimizer, result, flops, seconds)
+                    _save_run_state(state_path, identity, work, optimizer, result, flops, seconds, mover)
         for fraction in pending:  # the budget ran out between checkpoints: the last ones get the final state
             result.rows.append(_checkpoint(work, eval_sets, evaluate_fn, fraction, result.steps, flops, seconds))
     finally:
         bar.close()
+        if mover is not None:
+            result.moves = list(mover.moves)
         if cache is not None:
             result.cache = cache.stats()
             cache.detach()
@@ -298,7 +344,8 @@ def train_arm(
     return result
 
 
-def _save_run_state(path, identity: dict, work, optimizer, result: ArmResult, flops: float, seconds: float) -> None:
+def _save_run_state(path, identity: dict, work, optimizer, result: ArmResult, flops: float, seconds: float,
+                    mover=None) -> None:
     """The state a run needs to continue after its last checkpoint (written atomically)."""
     if path is None:
         return
@@ -308,6 +355,8 @@ def _save_run_state(path, identity: dict, work, optimizer, result: ArmResult, fl
                                                  if p.requires_grad},
              "optimizer": optimizer.state_dict(), "rows": result.rows, "steps": result.steps, "flops": flops,
              "seconds": seconds, "train_loss_last": result.train_loss_last, "rng": torch.get_rng_state()}
+    if mover is not None:
+        state.update(boundary=mover.boundary, moves=list(mover.moves))
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())

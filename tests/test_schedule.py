@@ -81,3 +81,33 @@ def test_the_schedule_changes_training():
     decayed = train_arm(model, arm, train, {"h": held}, budget_steps=4.0, checkpoints=(1.0,), progress=False,
                         schedule=Schedule(warmup=0.25, decay="linear", weight_decay=0.5))
     assert plain.rows[-1]["h_loss"] != decayed.rows[-1]["h_loss"]
+
+
+def test_a_moving_arm_freezes_bottom_up_and_frozen_blocks_never_change_again(monkeypatch):
+    import freezekern.moving as moving_module
+    from freezekern.moving import MovingBoundary
+
+    snapshots = {}
+    original = MovingBoundary.update
+
+    def update(self, fraction, step=None):
+        before = self.boundary
+        handle = original(self, fraction, step)
+        for index in range(before, handle.boundary):  # the blocks this call froze, as they are now
+            block = handle.parts.blocks[index]
+            snapshots[index] = (block, [p.detach().clone() for p in block.parameters()])
+        return handle
+
+    monkeypatch.setattr(moving_module.MovingBoundary, "update", update)
+    model = fk.tiny_model("llama", num_layers=5)
+    train, held = _batches(4), _batches(1, seed=1)
+    arm = Arm("moving", 4, lr=1e-2, moving={"start": 0, "begin": 0.1, "finish": 0.6})
+    result = train_arm(model, arm, train, {"h": held}, budget_steps=8.0, checkpoints=(1.0,), progress=False,
+                       schedule=Schedule(warmup=0.1, decay="cosine", weight_decay=0.1))
+    assert [m["to"] for m in result.moves] == sorted(m["to"] for m in result.moves)
+    assert result.moves[-1]["to"] == 4 and sorted(snapshots) == [0, 1, 2, 3]
+    # train_arm trains a copy and removes its cut at the end: the blocks captured at freezing time are the
+    # copy's; each must be bitwise what it was when it froze (weight decay 0.1 and Adam moments included)
+    for index, (block, frozen) in snapshots.items():
+        for p, q in zip(block.parameters(), frozen):
+            assert torch.equal(p, q), f"block {index + 1} changed after it froze"
