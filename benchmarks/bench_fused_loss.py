@@ -23,7 +23,7 @@ its target.
   llama (CI) and SmolLM2-135M at 4 x 256 (FULL). Peak memory of each
   variant over one measured step.
 
-Peak memory: ``freezekern.profiling.PeakMemory`` (CPU: peak RSS above the
+Peak memory: ``freezekern.profiler.memory.PeakMemory`` (CPU: peak RSS above the
 RSS at entry; CUDA: max_memory_allocated above the allocation at entry). On
 the CPU, glibc keeps freed blocks below its dynamic mmap threshold (up to 32
 MiB) resident, so RSS peaks carry the heap's history; run with
@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from bench_step import _load
 
-from freezekern.fused_loss import fused_loss
+from freezekern.cut import apply, trainable_parameters
+from freezekern.cut.fused_loss import fused_loss
+from freezekern.model.training import enable_checkpointing
 from freezekern.ops import linear_cross_entropy
-from freezekern.profiling import PeakMemory, release_memory
-from freezekern.training import enable_checkpointing
-from freezekern.truncate import apply, trainable_parameters
+from freezekern.profiler.memory import PeakMemory, release_memory
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from freezekern.ops import native, reference, triton_deviation
-from freezekern.profiling import PeakMemory
+from freezekern.profiler.memory import PeakMemory
 
 BIG = os.environ.get("FREEZEKERN_BENCH_BIG") == "1"
 VOCAB = 49152

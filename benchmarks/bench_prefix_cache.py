@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from freezekern import apply, tiny_model
-from freezekern.prefix_cache import PrefixCache
-from freezekern.truncate import trainable_parameters
+from freezekern.cut import trainable_parameters
+from freezekern.cut.prefix_cache import PrefixCache
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
 EPOCHS = 3

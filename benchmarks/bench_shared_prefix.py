@@ -13,7 +13,7 @@ TRL 1.16's fused LM head (``trl_fused``: what its DPOTrainer runs; on the CPU
 it scores every position and recomputes the logits in the backward, so the
 head is a larger share of the step and the prefix a smaller one). The policy is cut at k =
 round(0.8 L) (``freezekern.apply``); the reference is a frozen copy of the
-base model. ``shared`` adds ``freezekern.shared_prefix.SharedPrefix``: the
+base model. ``shared`` adds ``freezekern.cut.shared_prefix.SharedPrefix``: the
 reference forward is served the policy's boundary state and skips the
 embedding and blocks 1..k.
 
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from freezekern import discover, tiny_model
-from freezekern.shared_prefix import SharedPrefix
-from freezekern.truncate import apply, trainable_parameters
+from freezekern.cut import apply, trainable_parameters
+from freezekern.cut.shared_prefix import SharedPrefix
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 trl_utils = pytest.importorskip("trl.trainer.utils")

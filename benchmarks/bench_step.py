@@ -11,7 +11,7 @@ trainable parameters, on the same batch for every variant:
   freeze        requires_grad=False on the embeddings and blocks 1..k (the same trainable set as freezekern)
   freeze_gc     the same + Hugging Face activation checkpointing (which calls enable_input_require_grads)
   lora_gc       PEFT LoRA on blocks k+1..L only, + checkpointing (PEFT's usual memory-saving recipe)
-  fk            freezekern.truncate.apply(model, plan)
+  fk            freezekern.apply(model, plan)
   fk_gc         the same + checkpointing
   fk_lora_gc    LoRA on blocks k+1..L + checkpointing + freezekern
   fk_cache      freezekern + prefix cache, epoch 2+ (the boundary state of the batch is cached)
@@ -23,12 +23,12 @@ alternately (ABBA), which keeps the ratio meaningful on a shared machine. Record
 step seconds (median), peak memory during the measured steps (CUDA:
 max_memory_allocated above the starting allocation; CPU: the kernel's peak-RSS
 counter VmHWM, reset at the start, minus the starting RSS, after returning
-freed heap pages with malloc_trim; ``freezekern.profiling.PeakMemory``), the analytic ideal step of the variant's trainable set
-(``freezekern.cost.step_cost``, the formula the plan and ``freezekern profile``
+freed heap pages with malloc_trim; ``freezekern.profiler.memory.PeakMemory``), the analytic ideal step of the variant's trainable set
+(``freezekern.policy.cost.step_cost``, the formula the plan and ``freezekern profile``
 use: every forward, the recomputation of the checkpointed trained blocks,
 the backward of the trained parts only, the LM head's included) over
 per-part seconds measured once per config with
-``freezekern.part_costs.measure_part_costs`` (FREEZEKERN_BENCH_PARTS=0: over
+``freezekern.profiler.part_costs.measure_part_costs`` (FREEZEKERN_BENCH_PARTS=0: over
 ``flop_costs`` FLOPs scaled to the full step instead), and the ratios the
 project tracks. A summary table is printed at the end (use ``-s``) and
 written to FREEZEKERN_BENCH_SUMMARY when that is set. Nothing is asserted
@@ -48,12 +48,12 @@ import pytest
 import torch
 
 from freezekern import analyze, discover, tiny_model
-from freezekern.cost import StepSetup, flop_costs, full_finetuning, step_cost, step_fraction
-from freezekern.part_costs import measure_part_costs
-from freezekern.policy import plan as make_plan
-from freezekern.profiling import PeakMemory, release_memory
-from freezekern.training import enable_checkpointing
-from freezekern.truncate import apply, trainable_parameters
+from freezekern.cut import apply, trainable_parameters
+from freezekern.model.training import enable_checkpointing
+from freezekern.policy.cost import StepSetup, flop_costs, full_finetuning, step_cost, step_fraction
+from freezekern.policy.rules import plan as make_plan
+from freezekern.profiler.memory import PeakMemory, release_memory
+from freezekern.profiler.part_costs import measure_part_costs
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -176,7 +176,7 @@ def _build(setup: _Setup, variant: str):
     if variant.startswith("fk"):
         handle = apply(model, k)
         if variant == "fk_cache":
-            from freezekern.prefix_cache import PrefixCache
+            from freezekern.cut.prefix_cache import PrefixCache
 
             cache = PrefixCache(max_bytes=2 << 30)
             cache.attach(handle)
@@ -282,7 +282,7 @@ def _print_summary(config: str):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_step(benchmark, setup, variant):
     if variant == "fk_cache":
-        pytest.importorskip("freezekern.prefix_cache")
+        pytest.importorskip("freezekern.cut.prefix_cache")
     benchmark.group = f"step[{setup.name}]"
     _run(benchmark, setup, variant)
     _release()  # the variant's model and optimizer went out of scope with _run

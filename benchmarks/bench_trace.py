@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from conftest import FULL
 
 import freezekern as fk
+from freezekern.analysis.semantic import SemanticBasis
+from freezekern.analysis.trace import shifted_targets
 from freezekern.ops import native, triton_deviation
-from freezekern.profiling import PeakMemory
-from freezekern.semantic import SemanticBasis
-from freezekern.trace import shifted_targets
+from freezekern.profiler.memory import PeakMemory
 
 
 @pytest.fixture(scope="module")

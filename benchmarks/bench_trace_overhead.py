@@ -94,7 +94,7 @@ def test_trace(benchmark, setup, bench_device, metric, impl):
 @pytest.mark.parametrize("impl", ["torch", "native", "triton"])
 def test_reducer_host_cost(benchmark, setup, bench_device, impl):
     """The tracer's own host work, without the model: per batch (targets, basis lookup) and per space."""
-    from freezekern.trace import _SpaceReducer, shifted_targets
+    from freezekern.analysis.trace import _SpaceReducer, shifted_targets
 
     if impl not in impls(bench_device):
         pytest.skip(f"impl {impl} not available on {bench_device.type}")

@@ -1,15 +1,21 @@
 """freezekern: where to fine-tune a language model, and a backward pass that stops there."""
 
-from freezekern.adapters import ModelParts, discover
-from freezekern.backward_profile import profile
-from freezekern.data import make_batches
-from freezekern.fused_loss import FusedLossHandle, fused_loss
-from freezekern.models import load_default_model, load_model, tiny_model
-from freezekern.policy import FreezePlan, plan
-from freezekern.prefix_cache import PrefixCache
-from freezekern.trace import DeviationTrace, analyze
-from freezekern.trials import Arm, compare, probe_plan
-from freezekern.truncate import FreezeHandle, active_handle, apply, move_boundary, trainable_parameters
+from freezekern.analysis import DeviationTrace, analyze
+from freezekern.cut import (
+    FreezeHandle,
+    FusedLossHandle,
+    MovingBoundary,
+    PrefixCache,
+    active_handle,
+    apply,
+    fused_loss,
+    move_boundary,
+    trainable_parameters,
+)
+from freezekern.model import ModelParts, discover, load_default_model, load_model, make_batches, tiny_model
+from freezekern.policy import FreezePlan, MovingSchedule, plan
+from freezekern.profiler import profile
+from freezekern.trials import Arm, Schedule, compare, probe_plan
 
 __version__ = "0.1.0"
 
@@ -20,7 +26,10 @@ __all__ = [
     "FreezePlan",
     "FusedLossHandle",
     "ModelParts",
+    "MovingBoundary",
+    "MovingSchedule",
     "PrefixCache",
+    "Schedule",
     "active_handle",
     "analyze",
     "apply",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -32,6 +33,18 @@ def atomic_write_text(path, text: str) -> None:
 def atomic_write_json(path, data, **kwargs) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, **kwargs))
+
+
+def save_png(fig, path) -> None:
+    """Write a matplotlib figure to ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 class JsonRecord:

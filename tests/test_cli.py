@@ -122,7 +122,7 @@ def test_finetune_trains_above_the_boundary_and_resumes(tiny_dir, tmp_path, caps
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Any attempt to load a model fails the test: the error must come before that."""
-    import freezekern.cli as cli
+    import freezekern.cli.commands as cli
 
     def refuse(args):
         raise AssertionError("the model was loaded before the bad input was refused")

@@ -164,7 +164,7 @@ def plot_task(out: Path, view: TaskView) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from freezekern.report import save_png
+    from freezekern.io import save_png
 
     names = []
     metric = "loss"
@@ -323,7 +323,7 @@ def write_report(out: Path) -> None:
     lines += [
         f"Model: {first.get('model', 'smollm2-135m-instruct')} ({first['num_layers']} blocks), fp32, on {first['device']} with "
         f"{first['threads']} torch thread(s) per process. Every arm trains under the same compute budget, counted in "
-        "full-step equivalents of estimated training FLOPs (freezekern.cost: the plan's cost model, LM head "
+        "full-step equivalents of estimated training FLOPs (freezekern.policy.cost: the plan's cost model, LM head "
         "included), with AdamW at a constant learning rate, no weight decay, gradient norm clipped at 1. Learning "
         f"rates: a grid of {first['full_lrs']} (LoRA: {first['lora_lrs']}) on seed 0 at {first['grid_share']:.0%} of "
         "the budget, chosen by validation loss; then seeds "

@@ -2,7 +2,7 @@
 
 Every arm trains the built-in SmolLM2-135M-Instruct (fp32) under the same
 compute budget, counted in full-step equivalents of estimated training FLOPs
-(``freezekern.cost``: an arm whose step costs half a full fine-tuning step
+(``freezekern.policy.cost``: an arm whose step costs half a full fine-tuning step
 takes twice the steps), and is scored on validation and test data at common
 checkpoints of that budget (``freezekern.trials.train_arm``). Three tasks
 (``tasks.py``), each with disjoint train / validation / test splits: every
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
 def _default_tokenizer():
     from transformers import AutoTokenizer
 
-    from freezekern.models import prepare_default_model
+    from freezekern.model.loading import prepare_default_model
 
     return AutoTokenizer.from_pretrained(prepare_default_model(), local_files_only=True)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from freezekern.data import Example, make_batches, stdlib_files
-from freezekern.training import device_of, evaluate, to_device
+from freezekern.model.data import Example, make_batches, stdlib_files
+from freezekern.model.training import device_of, evaluate, to_device
 
 CHAT_TEST_EVERY, CHAT_VALIDATION_OFFSET = 5, 2  # category files (sorted) i % 5 == 0: test, == 2: validation
 TOPIC_MIN, TOPIC_CAP = 15, 60  # topics with fewer questions are left out; larger ones are capped

@@ -16,7 +16,7 @@ DDP
 ---
 Apply the plan to the bare model *before* wrapping it:
 
-    handle = freezekern.truncate.apply(model, plan)
+    handle = freezekern.apply(model, plan)
     model = DistributedDataParallel(model)     # no find_unused_parameters needed
 
 DDP registers the parameters that require grad when it is built; the frozen
@@ -51,8 +51,8 @@ import dataclasses
 
 import torch
 
-from freezekern.policy import FreezePlan, cost_model
-from freezekern.trace import DeviationTrace
+from freezekern.analysis.trace import DeviationTrace
+from freezekern.policy.rules import FreezePlan, cost_model
 
 
 def is_distributed() -> bool:

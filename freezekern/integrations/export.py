@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezekern.adapters import discover
-from freezekern.policy import FreezePlan
+from freezekern.model.parts import discover
+from freezekern.policy.lora import to_peft_config
+from freezekern.policy.rules import FreezePlan
 
 FORMATS = ("peft", "axolotl", "trl", "json")
 
@@ -69,7 +70,7 @@ def skeleton_for_plan(plan: FreezePlan, model_dir=None) -> nn.Module:
         return model_skeleton(model_dir)
     if plan.model_id and (Path(plan.model_id) / "config.json").is_file():
         return model_skeleton(plan.model_id)
-    from freezekern.models import DEFAULT_MODEL_NAME, SMOLLM2_135M_SHAPE, default_model_dir
+    from freezekern.model.loading import DEFAULT_MODEL_NAME, SMOLLM2_135M_SHAPE, default_model_dir
 
     if plan.model_id == DEFAULT_MODEL_NAME:
         if (default_model_dir() / "config.json").is_file():
@@ -86,7 +87,7 @@ def planned_trainable_names(plan: FreezePlan, model: nn.Module) -> list[str]:
 
     The model's own flags are left as they were.
     """
-    from freezekern.truncate import apply, trainable_parameters
+    from freezekern.cut import apply, trainable_parameters
 
     before = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -99,27 +100,6 @@ def planned_trainable_names(plan: FreezePlan, model: nn.Module) -> list[str]:
         for p, flag in zip(model.parameters(), before):
             p.requires_grad_(flag)
     return [name for name, p in model.named_parameters() if id(p) in trained]
-
-
-# -- PEFT -------------------------------------------------------------------------------------
-
-def to_peft_config(plan: FreezePlan, *, model: nn.Module | None = None, layers_pattern: str | None = None,
-                   **lora_kwargs):
-    """A ``peft.LoraConfig`` with adapters in the plan's trained blocks only (see the module docstring).
-
-    ``lora_kwargs`` go to LoraConfig (``r``, ``lora_alpha``, ``target_modules``,
-    ``lora_dropout``, ...); ``task_type`` defaults to CAUSAL_LM.
-    ``layers_pattern`` (the block list's name, e.g. "layers" or "h") is read
-    from ``model`` when given; otherwise PEFT matches its common names. A
-    full-fine-tuning plan (boundary 0, no cut) gives every block adapters.
-    """
-    from freezekern.integrations.peft import lora_config_for_plan
-
-    if model is not None and discover(model).num_layers != plan.num_layers:
-        raise ValueError(f"the plan has {plan.num_layers} blocks, the model {discover(model).num_layers}")
-    if "layers_pattern" in lora_kwargs:
-        raise ValueError("pass layers_pattern= as the keyword of to_peft_config, or a model to read it from")
-    return lora_config_for_plan(plan, model=model, layers_pattern=layers_pattern, **lora_kwargs)
 
 
 # -- axolotl ----------------------------------------------------------------------------------
@@ -223,7 +203,7 @@ def trl_snippet(plan: FreezePlan, plan_path: str = "plan.json") -> str:
         "# transformers' Trainer takes the same callback: Trainer(model=model, args=TrainingArguments(...),",
         "#     train_dataset=train_dataset, callbacks=[FreezeKernCallback(plan=plan)]).",
         "# LoRA on the trained blocks only (PEFT needs a list of module names with layers_to_transform):",
-        "#     from freezekern.integrations.peft import block_linear_names",
+        "#     from freezekern.model.peft import block_linear_names",
         "#     SFTTrainer(..., peft_config=plan.to_peft_config(model=model, r=16,",
         "#                target_modules=block_linear_names(model)), callbacks=[FreezeKernCallback(plan=plan)])",
         "",
@@ -243,12 +223,12 @@ def export_plan(plan: FreezePlan, fmt: str, *, model: nn.Module | None = None, m
         return trl_snippet(plan, plan_path)
     if fmt == "axolotl":
         return axolotl_yaml(plan, model if model is not None else skeleton_for_plan(plan, model_dir))
-    config = to_peft_config(plan, model=model if model is not None else _peft_skeleton(plan, model_dir),
+    config = to_peft_config(plan, model=model if model is not None else peft_skeleton(plan, model_dir),
                             **lora_kwargs)
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_jsonable) + "\n"
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=jsonable) + "\n"
 
 
-def _peft_skeleton(plan: FreezePlan, model_dir) -> nn.Module | None:
+def peft_skeleton(plan: FreezePlan, model_dir) -> nn.Module | None:
     """The model's skeleton for the block list's name; PEFT's common names serve when it is unknown."""
     if model_dir is not None:
         return model_skeleton(model_dir)
@@ -258,52 +238,7 @@ def _peft_skeleton(plan: FreezePlan, model_dir) -> nn.Module | None:
         return None
 
 
-def export_command(args) -> str:
-    """``freezekern export PLAN --format F [--model DIR] [--out PATH]``: write (or print) the plan in format F.
-
-    ``peft`` with ``--out DIR`` writes DIR/adapter_config.json (``LoraConfig.from_pretrained(DIR)`` reads it).
-    """
-    from freezekern.io import atomic_write_text
-
-    plan = FreezePlan.load(args.plan)
-    if args.format == "peft":
-        skeleton = _peft_skeleton(plan, args.model)
-        targets = args.target_modules
-        if targets is None:
-            if skeleton is None:
-                raise ValueError(f"the plan's model {plan.model_id!r} is not a local model folder, so its linear "
-                                 "layers are unknown: pass --model DIR or --target-modules NAME [NAME ...]")
-            from freezekern.integrations.peft import block_linear_names
-
-            targets = block_linear_names(skeleton)
-        config = to_peft_config(plan, model=skeleton, r=args.lora_r, target_modules=list(targets),
-                                lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r)
-        if args.out:
-            config.save_pretrained(args.out)
-            print(f"wrote {Path(args.out) / 'adapter_config.json'}")
-            return ""
-        text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_jsonable) + "\n"
-    else:
-        text = export_plan(plan, args.format, model_dir=args.model, plan_path=args.plan)
-    if args.out:
-        atomic_write_text(args.out, text)
-        print(f"wrote {args.out}")
-    else:
-        print(text, end="")
-    return text
-
-
-def check_export_args(args) -> None:
-    """Refuse bad command-line values before anything is read."""
-    if not Path(args.plan).is_file():
-        raise FileNotFoundError(f"plan file {args.plan} does not exist")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model} has no config.json: not a Hugging Face model directory")
-    if args.lora_r < 1:
-        raise ValueError(f"--lora-r must be positive, got {args.lora_r}")
-
-
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return str(value)

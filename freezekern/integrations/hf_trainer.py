@@ -67,11 +67,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from freezekern.analysis.trace import DeviationTrace, analyze
+from freezekern.cut import FreezeHandle, active_handle, apply, move_boundary
 from freezekern.integrations.distributed import agree_on_boundary, agree_on_plan, is_distributed, merge_traces
-from freezekern.policy import DEFAULT_POLICY, PLAN_FILE, FreezePlan
-from freezekern.policy import plan as make_plan
-from freezekern.trace import DeviationTrace, analyze
-from freezekern.truncate import FreezeHandle, active_handle, apply, move_boundary
+from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, FreezePlan
+from freezekern.policy.rules import plan as make_plan
 
 logger = logging.getLogger("freezekern.hf_trainer")
 
@@ -88,7 +88,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     to ``freezekern.apply``; ``frozen_adapters`` None (freeze adapters below
     the boundary, with a warning), "freeze" (silently) or "refuse";
     ``fused_loss`` installs the fused LM-head loss (no logits are built for
-    forwards with labels, see ``freezekern.fused_loss``) at init, once, kept
+    forwards with labels, see ``freezekern.cut.fused_loss``) at init, once, kept
     across boundary moves (``fused_loss_handle``);
     ``policy_kwargs`` (e.g. ``{"boundary": 3}`` for policy "fixed") to
     ``freezekern.plan``. ``plan`` may be a FreezePlan or its dict form.
@@ -133,7 +133,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         self.train_head = train_head
         self.frozen_adapters = frozen_adapters
         self.fused_loss = fused_loss
-        self.fused_loss_handle = None  # a freezekern.fused_loss.FusedLossHandle once installed
+        self.fused_loss_handle = None  # a freezekern.cut.fused_loss.FusedLossHandle once installed
         self.policy_kwargs = dict(policy_kwargs or {})
         self.trace: DeviationTrace | None = None
         self.handle: FreezeHandle | None = None
@@ -190,7 +190,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         Installed at init when possible: the Trainer's accelerate wrap (autocast under bf16/fp16) later
         replaces the model's forward, after which it can no longer be installed.
         """
-        from freezekern.fused_loss import active_fused_loss, fused_loss
+        from freezekern.cut.fused_loss import active_fused_loss, fused_loss
 
         if not active_fused_loss(model):
             self.fused_loss_handle = fused_loss(model)

@@ -6,7 +6,7 @@
 ``FreezeKernCallback`` cuts the policy's backward as for any Trainer (the
 reference forward runs under ``torch.no_grad()`` and is never cut or
 trained). ``SharedPrefixCallback`` then computes the frozen prefix once per
-batch for both models (``freezekern.shared_prefix.SharedPrefix``): pass the
+batch for both models (``freezekern.cut.shared_prefix.SharedPrefix``): pass the
 reference model you gave the trainer, or nothing when the reference is the
 policy with its PEFT adapters disabled (``peft_config=plan.to_peft_config(...)``
 and no ``ref_model``). It attaches at the first training step, after every
@@ -21,10 +21,10 @@ import logging
 
 from transformers import TrainerCallback
 
-from freezekern.shared_prefix import SharedPrefix
-from freezekern.truncate import active_handle
+from freezekern.cut import active_handle
+from freezekern.cut.shared_prefix import SharedPrefix
 
-logger = logging.getLogger("freezekern.shared_prefix")
+logger = logging.getLogger("freezekern.cut.shared_prefix")
 
 
 class SharedPrefixCallback(TrainerCallback):

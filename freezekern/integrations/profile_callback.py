@@ -12,7 +12,7 @@ cannot change the training (nothing in freezekern's frozen prefix, the
 embeddings and the blocks below the lowest trained one, requires grad),
 every other profiled step runs with ``freezekern.apply(model, k)`` and is
 removed right after: the gradients of such steps are exactly those of the
-plain setup (``freezekern.truncate``'s guarantee), so the training is the
+plain setup (``freezekern.cut.freeze``'s guarantee), so the training is the
 same and the two setups are compared on the same run, alternating (A B B A).
 When the embeddings train (LISA-style recipes), or a freeze plan is already
 applied (``FreezeKernCallback``), the setup is profiled as it is, and the
@@ -20,7 +20,7 @@ verdict says why there is no comparison (``freezekern.profile`` outside the
 training run compares them anyway).
 
 The analytic ideal is priced from the profiled steps' own part times
-(``freezekern.backward_profile.step_part_costs``); ``isolated_parts=True`` also times
+(``freezekern.profiler.run.step_part_costs``); ``isolated_parts=True`` also times
 each part alone on the last training batch for the parts the steps do not
 show (without a comparison: the cut's weight-only block). The verdict
 is printed on the main process and logged (``freezekern.profile`` logger); the
@@ -38,19 +38,13 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from freezekern.backward_profile import (
-    CUT,
-    YOURS,
-    ProfileReport,
-    SetupFacts,
-    StepRecorder,
-    assemble_report,
-    describe_setup,
-    input_embedding,
-    measure_part_costs,
-)
-from freezekern.profiling import PeakMemory
-from freezekern.training import device_of
+from freezekern.model.training import device_of
+from freezekern.profiler.memory import PeakMemory
+from freezekern.profiler.part_costs import measure_part_costs
+from freezekern.profiler.result import CUT, YOURS, ProfileReport
+from freezekern.profiler.run import assemble_report
+from freezekern.profiler.setup import SetupFacts, describe_setup
+from freezekern.profiler.step_timing import StepRecorder, input_embedding
 
 logger = logging.getLogger("freezekern.profile")
 
@@ -94,8 +88,8 @@ class BackwardProfileCallback(TrainerCallback):
 
     # -- set-up at the first step (after every other callback's on_train_begin) ---------------------
     def _start(self, model) -> None:
-        from freezekern.adapters import discover
-        from freezekern.truncate import active_handle
+        from freezekern.cut import active_handle
+        from freezekern.model.parts import discover
 
         self._started = True
         parts = discover(model)
@@ -144,7 +138,7 @@ class BackwardProfileCallback(TrainerCallback):
             return
         label, _ = self._schedule[self._index]
         if label == CUT:
-            from freezekern.truncate import apply
+            from freezekern.cut import apply
 
             self._handle = apply(model, self._boundary, train_head=self._facts.head_trains, train_final_norm=True,
                                  parts=self._parts)
@@ -235,7 +229,7 @@ class BackwardProfileCallback(TrainerCallback):
         suffix = f".rank{report.rank}" if report.world_size > 1 else ""
         report.save(os.path.join(folder, f"{REPORT_FILE}{suffix}.json"))
         if report.rank == 0:
-            from freezekern.report import plot_profile
+            from freezekern.profiler.report import plot_profile
 
             plot_profile(report, os.path.join(folder, f"{REPORT_FILE}.png"))
 

@@ -1,0 +1,29 @@
+"""The interface between the cut and a provider of ready boundary states (the prefix cache, the shared prefix).
+
+See ``freezekern.cut.freeze`` for when the cut asks a source; a source is
+attached with ``FreezeHandle.set_boundary_source``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class BoundarySource(Protocol):
+    """What a provider of boundary states implements (see the module docstring).
+
+    ``begin(args, kwargs)``: called at the start of a model call that may skip
+    the prefix, with the model's call arguments; return the boundary state
+    [B, T, D] (dtype and device of the hidden states) to serve, or None to let
+    the prefix compute it. ``computed(hidden)``: the state the prefix computed
+    for that call (only when ``begin`` returned None). ``detached()``: the
+    handle no longer uses this source.
+    """
+
+    def begin(self, args: tuple, kwargs: dict) -> torch.Tensor | None: ...
+
+    def computed(self, hidden: torch.Tensor) -> None: ...
+
+    def detached(self) -> None: ...

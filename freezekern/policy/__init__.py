@@ -1,0 +1,11 @@
+"""From a trace to a boundary: the depth law, gains, rules (static and moving), the cost model -> FreezePlan.
+
+Public face: ``plan(trace, policy=...)`` -> ``FreezePlan``; ``MovingSchedule``;
+``freezekern.policy.cost`` (the one step-cost formula); ``freezekern.policy.lora``
+(LoRA placement above the boundary).
+"""
+
+from freezekern.policy.moving import MovingSchedule
+from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, POLICIES, FreezePlan, plan
+
+__all__ = ["DEFAULT_POLICY", "PLAN_FILE", "POLICIES", "FreezePlan", "MovingSchedule", "plan"]
