@@ -168,6 +168,8 @@ def apply(
         raise ValueError(f"frozen_adapters must be one of {FROZEN_ADAPTER_POLICIES}, got {frozen_adapters!r}")
     _check_not_wrapped(model)
     plan, k = _as_plan(plan_or_k)
+    if plan is not None and plan.moving:
+        k = int(plan.moving["start"])  # a moving plan starts shallow (freezekern.cut.moving moves it)
     parts = parts or discover(model)
     num_layers = parts.num_layers
     if plan is not None:

@@ -31,7 +31,7 @@ import logging
 import torch
 
 from freezekern.cut.move import move_boundary
-from freezekern.policy.moving import MovingSchedule
+from freezekern.policy.moving import MovingSchedule, schedule_of
 
 logger = logging.getLogger("freezekern.cut.moving")
 
@@ -40,11 +40,23 @@ class MovingBoundary:
     """Moves an applied cut along a ``MovingSchedule`` (see the module docstring).
 
     ``handle``: the active ``FreezeHandle`` (its boundary must equal
-    ``schedule.start``); ``optimizer``: the optimizer to clear the state of
-    newly frozen parameters from. ``handle`` always names the current one.
+    ``schedule.start``); ``schedule``: default the one of the plan the
+    handle applied (``freezekern.policy.moving_plan``); ``optimizer``: the
+    optimizer to clear the state of newly frozen parameters from.
+    ``handle`` always names the current one.
+
+        plan = freezekern.policy.moving_plan(freezekern.plan(trace), run_steps=1000)
+        mover = freezekern.MovingBoundary(freezekern.apply(model, plan), optimizer=optimizer)
+        for step in range(1000):
+            ...; optimizer.step(); mover.update((step + 1) / 1000)
     """
 
-    def __init__(self, handle, schedule: MovingSchedule, *, optimizer=None):
+    def __init__(self, handle, schedule: MovingSchedule | None = None, *, optimizer=None):
+        if schedule is None:
+            schedule = schedule_of(handle.plan) if handle.plan is not None else None
+            if schedule is None:
+                raise ValueError("the handle's plan does not move: pass a MovingSchedule, or apply a plan made "
+                                 "by freezekern.policy.moving_plan")
         if not handle.active or not handle.cut:
             raise ValueError("a moving boundary needs an applied cut (freezekern.apply(model, k))")
         if handle.boundary != schedule.start:

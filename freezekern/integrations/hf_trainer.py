@@ -57,6 +57,7 @@ one see (reporting integrations registered before it do not).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -68,8 +69,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from freezekern.analysis.trace import DeviationTrace, analyze
-from freezekern.cut import FreezeHandle, active_handle, apply, move_boundary
+from freezekern.cut import FreezeHandle, MovingBoundary, active_handle, apply, move_boundary
 from freezekern.integrations.distributed import agree_on_boundary, agree_on_plan, is_distributed, merge_traces
+from freezekern.policy.moving import moving_plan, schedule_of
 from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, FreezePlan
 from freezekern.policy.rules import plan as make_plan
 
@@ -91,7 +93,13 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     forwards with labels, see ``freezekern.cut.fused_loss``) at init, once, kept
     across boundary moves (``fused_loss_handle``);
     ``policy_kwargs`` (e.g. ``{"boundary": 3}`` for policy "fixed") to
-    ``freezekern.plan``. ``plan`` may be a FreezePlan or its dict form.
+    ``freezekern.plan``. ``plan`` may be a FreezePlan, its dict form or an int
+    boundary. ``moving=True`` (or a dict of ``MovingSchedule`` settings:
+    ``start``, ``begin``, ``finish``, ``settle``) moves the boundary with
+    training: shallow early, the plan's boundary by ``finish`` of the run;
+    the run's length (``max_steps``, or the epochs' steps) makes the schedule
+    budget-aware (``freezekern.policy.moving_plan``; the plan says why). A
+    plan made by ``moving_plan`` moves by itself.
     ``budget`` is the deprecated name of ``trained_share``.
     """
 
@@ -110,6 +118,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         policy_kwargs: dict | None = None,
         budget: float | None = None,
         fused_loss: bool = False,
+        moving: bool | dict = False,
     ):
         if budget is not None:
             if trained_share is not None:
@@ -123,6 +132,12 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             raise ValueError(f"calibration_batches must be at least 1, got {calibration_batches}")
         if frozen_adapters not in (None, "freeze", "refuse"):
             raise ValueError(f"frozen_adapters must be None, 'freeze' or 'refuse', got {frozen_adapters!r}")
+        if moving and reselect_every:
+            raise ValueError("moving=... and reselect_every=... both move the boundary: choose one")
+        if not isinstance(moving, (bool, dict)):
+            raise TypeError(f"moving must be True, False or a dict of MovingSchedule settings, got {moving!r}")
+        self.moving = moving
+        self.mover = None  # a freezekern.cut.moving.MovingBoundary while the boundary moves
         self.plan = FreezePlan.from_dict(plan) if isinstance(plan, dict) else plan
         self.policy = policy
         self.metric = metric
@@ -201,7 +216,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             "args": {"policy": self.policy, "metric": self.metric, "trained_share": self.trained_share,
                      "calibration_batches": self.calibration_batches, "reselect_every": self.reselect_every,
                      "train_head": self.train_head, "frozen_adapters": self.frozen_adapters,
-                     "fused_loss": self.fused_loss, "policy_kwargs": self.policy_kwargs},
+                     "fused_loss": self.fused_loss, "policy_kwargs": self.policy_kwargs, "moving": self.moving},
             "attributes": {"plan": self.plan.to_dict() if self.plan is not None else None,
                            "moves": [list(m) for m in self.moves]},
         }
@@ -247,7 +262,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         if self.plan is None and self.calibration_data is not None:
             self.plan = self._analyse(model, self.calibration_data)
         if self.plan is not None:
-            self._apply(model, self.plan)
+            self._apply(model, self._early_plan(self.plan))
             self._applied_at_init = True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -265,7 +280,14 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             else:
                 logger.warning("freezekern: resumed at step %d but the checkpoint holds no freezekern plan",
                                state.global_step)
-        if restored is not None:
+        if restored is not None and restored.moving:  # the mover below takes it to where the run was
+            current = self.handle if self.handle is not None and self.handle.active else active_handle(model)
+            if current is None or not current.active:
+                self._apply(model, restored)
+            else:
+                self.handle = current
+            self.plan = restored
+        elif restored is not None:
             current = self.handle if self.handle is not None and self.handle.active else active_handle(model)
             if current is not None and current.boundary == restored.boundary:
                 self.handle, self.plan = current, restored
@@ -281,7 +303,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
                     raise RuntimeError("FreezeKernCallback got no train dataloader to analyse; pass plan=")
                 self.plan = self._analyse(model, _calibration_batches(train_dataloader, self.calibration_batches))
             self._check_ddp_after_wrap(args, model, "freeze parameters")
-            self._apply(model, self.plan)
+            self._apply(model, self._early_plan(self.plan))
+        if self.moving or (self.plan is not None and self.plan.moving):
+            self._start_moving(args, state, model, optimizer)
         for p in model.parameters():
             if not p.requires_grad:
                 p.grad = None
@@ -294,7 +318,43 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             self._last_batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")
                                 if isinstance(kwargs.get(k), torch.Tensor)}
 
+    def _early_plan(self, plan: FreezePlan) -> FreezePlan:
+        """What to apply before the run's length is known: a moving boundary's default start."""
+        if not self.moving or plan.moving or not plan.cut:
+            return plan
+        return moving_plan(plan, **(self.moving if isinstance(self.moving, dict) else {}))
+
+    def _start_moving(self, args, state, model, optimizer) -> None:
+        """Make the plan budget-aware for this run's length and start moving the boundary."""
+        if not self.plan.cut:
+            return
+        if self.moving and (self.plan.run_steps != state.max_steps or not self.plan.moving):
+            static = dataclasses.replace(self.plan, moving=None, run_steps=None)
+            self.plan = moving_plan(static, run_steps=state.max_steps,
+                                    **(self.moving if isinstance(self.moving, dict) else {}))
+        schedule = schedule_of(self.plan)
+        if schedule is None:  # too short a run to move: the static boundary
+            if self.handle.boundary < self.plan.boundary:
+                self._check_ddp_after_wrap(args, model, "freeze more parameters")
+                self.handle = move_boundary(self.handle, self.plan.boundary, optimizer=optimizer)
+            return
+        self._check_ddp_after_wrap(args, model, "move the boundary during training (moving=...)")
+        if self.handle.boundary > schedule.start:
+            raise RuntimeError(f"the cut is already at k={self.handle.boundary}, deeper than the moving boundary's "
+                               f"start k={schedule.start}: a boundary never moves shallower")
+        if self.handle.boundary < schedule.start:
+            self.handle = move_boundary(self.handle, schedule.start, optimizer=optimizer)
+        self.mover = MovingBoundary(self.handle, schedule, optimizer=optimizer)
+        self.handle = self.mover.update(state.global_step / max(state.max_steps, 1), state.global_step)
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.mover is not None:
+            old_k = self.mover.boundary
+            self.mover.optimizer = optimizer if optimizer is not None else self.mover.optimizer
+            self.handle = self.mover.update(state.global_step / max(state.max_steps, 1), state.global_step)
+            if self.handle.boundary != old_k:
+                self.moves.append((state.global_step, old_k, self.handle.boundary))
+            return
         if not self.reselect_every or state.global_step % self.reselect_every != 0:
             return
         if self.handle is None or not self.handle.active or self._last_batch is None:

@@ -5,7 +5,7 @@ Public face: ``plan(trace, policy=...)`` -> ``FreezePlan``; ``MovingSchedule``;
 (LoRA placement above the boundary).
 """
 
-from freezekern.policy.moving import MovingSchedule
+from freezekern.policy.moving import MovingSchedule, moving_plan, schedule_of
 from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, POLICIES, FreezePlan, plan
 
-__all__ = ["DEFAULT_POLICY", "PLAN_FILE", "POLICIES", "FreezePlan", "MovingSchedule", "plan"]
+__all__ = ["DEFAULT_POLICY", "PLAN_FILE", "POLICIES", "FreezePlan", "MovingSchedule", "moving_plan", "plan", "schedule_of"]

@@ -51,3 +51,61 @@ class MovingSchedule:
     @classmethod
     def from_dict(cls, data: dict) -> MovingSchedule:
         return cls(**data)
+
+
+DEFAULT_MOVING = {"start": 0, "begin": 0.1, "finish": 0.6}
+MIN_STEPS_PER_MOVE = 4
+
+
+def moving_plan(plan, run_steps: int | None = None, *, start: int | None = None, begin: float | None = None,
+                finish: float | None = None, settle: float | None = None,
+                min_steps_per_move: int = MIN_STEPS_PER_MOVE):
+    """``plan`` (a static FreezePlan with a cut) turned into a boundary that moves with training.
+
+    The boundary starts at ``start`` (default 0: every block trains early),
+    holds until ``begin`` of the run, then moves bottom-up to the plan's
+    boundary by ``finish`` (defaults in ``DEFAULT_MOVING``). Budget-aware:
+    with ``run_steps`` (the Trainer's ``max_steps``, a finetune's steps) the
+    blocks that cannot each get ``min_steps_per_move`` steps of the moving
+    window are frozen from the start instead (the start moves up); a run too
+    short for any move keeps the static plan. The returned plan says why
+    (``rule``), and its step FLOPs are those at the final boundary.
+    """
+    import dataclasses
+
+    if not plan.cut:
+        raise ValueError("a full-fine-tuning plan (policy 'none') has no boundary to move towards")
+    settings = {**DEFAULT_MOVING, **{k: v for k, v in (("start", start), ("begin", begin), ("finish", finish))
+                                     if v is not None}}
+    if run_steps is not None and run_steps < 1:
+        raise ValueError(f"run_steps must be positive, got {run_steps}")
+    first = min(int(settings["start"]), plan.boundary)
+    span = plan.boundary - first
+    why = []
+    if run_steps is not None and span > 0:
+        window_steps = (settings["finish"] - settings["begin"]) * run_steps
+        affordable = int(window_steps // max(min_steps_per_move, 1))
+        if affordable < span:
+            first = plan.boundary - max(affordable, 0)
+            why.append(f"a run of {run_steps} steps affords {max(affordable, 0)} moves of at least "
+                       f"{min_steps_per_move} steps each, so blocks 1..{first} are frozen from the start")
+    if first >= plan.boundary:
+        reason = f"; static: {why[0]}" if why else "; static: nothing to move"
+        return dataclasses.replace(plan, rule=(plan.rule + reason) if plan.rule else reason.lstrip("; "),
+                                   run_steps=run_steps, moving=None)
+    schedule = MovingSchedule(start=first, end=plan.boundary, begin=settings["begin"], finish=settings["finish"],
+                              settle=settle)
+    text = (f"moving boundary: k={first} until {schedule.begin:.0%} of the run, then blocks {first + 1}..{plan.boundary} "
+            f"freeze bottom-up by {schedule.finish:.0%} (the early steps train more of the network, the later ones "
+            f"are cheap); it ends at the {plan.policy} boundary ({plan.rule or 'k=' + str(plan.boundary)})")
+    if why:
+        text += "; " + why[0]
+    moving = {k: v for k, v in schedule.to_dict().items() if k != "end"}
+    return dataclasses.replace(plan, rule=text, moving=moving, run_steps=run_steps)
+
+
+def schedule_of(plan) -> MovingSchedule | None:
+    """The ``MovingSchedule`` of a plan (None for a static one)."""
+    if not getattr(plan, "moving", None):
+        return None
+    return MovingSchedule(end=plan.boundary, **plan.moving)

@@ -210,6 +210,8 @@ class FreezePlan(JsonRecord):
     flops_budget: float | None = None
     gain_share: float | None = None
     probe: dict | None = None
+    moving: dict | None = None  # a boundary that moves with training: MovingSchedule fields, ``end`` = boundary
+    run_steps: int | None = None  # the run length a budget-aware decision was made for
 
     @classmethod
     def from_dict(cls, data: Mapping):
@@ -244,7 +246,8 @@ class FreezePlan(JsonRecord):
         else:
             lines = [
                 f"FreezePlan[{self.policy}{'/' + self.metric if self.metric else ''}] for {self.model_id}",
-                f"  freeze: embeddings + blocks 1..{self.boundary} of {self.num_layers}" if self.boundary
+                f"  freeze: embeddings + blocks 1..{self.boundary} of {self.num_layers}"
+                + (" by the end of the run" if self.moving else "") if self.boundary
                 else "  freeze: embeddings only (boundary 0: every block trains, the backward stops at block 1)",
                 f"  train:  blocks {self.boundary + 1}..{self.num_layers}" if self.boundary < self.num_layers
                 else "  train:  no blocks",
@@ -254,6 +257,12 @@ class FreezePlan(JsonRecord):
             lines.append(f"  why:    {self.rule}")
         if self.runner_up is not None:
             lines.append(f"          runner-up: boundary {self.runner_up}")
+        if self.moving:
+            m = self.moving
+            lines.append(f"  moves:  from k={m['start']} (until {m['begin']:.0%} of the run) bottom-up to "
+                         f"k={self.boundary} (at {m['finish']:.0%})"
+                         + (f" over a run of {self.run_steps} steps" if self.run_steps else "")
+                         + (f"; a settled block freezes early (settle {m['settle']:g})" if m.get("settle") else ""))
         limits = []
         if self.trained_share is not None:
             limits.append(f"at most {self.trained_share:.0%} of the blocks trained")
@@ -266,7 +275,8 @@ class FreezePlan(JsonRecord):
                          + f" (held-out loss after {self.probe['budget_steps']:g} full-step equivalents each)")
         lines += [
             f"  backward through {self.backward_fraction:.1%} of the blocks; "
-            f"estimated step FLOPs {self.step_flops_fraction:.1%} of full fine-tuning",
+            f"estimated step FLOPs {self.step_flops_fraction:.1%} of full fine-tuning"
+            + (" (at the final boundary)" if self.moving else ""),
             f"  trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
             f"({self.trainable_params / max(self.total_params, 1):.1%})",
         ]

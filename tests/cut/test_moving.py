@@ -1,0 +1,128 @@
+"""A boundary that moves with training: exact gradients, frozen blocks that never change, budget-aware plans."""
+
+import copy
+
+import pytest
+import torch
+
+import freezekern as fk
+from freezekern.policy import moving_plan, schedule_of
+from freezekern.policy.moving import MovingSchedule
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+L = 6
+
+
+def _model(seed=0):
+    return fk.tiny_model("llama", num_layers=L, hidden=64, vocab=257, tie=True, seed=seed)
+
+
+def _batch(seed=0, rows=2, seq=16):
+    ids = torch.randint(3, 257, (rows, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _static_plan(model, k):
+    trace = fk.analyze(model, [_batch(9)], progress=False)
+    return fk.plan(trace, "fixed", boundary=k)
+
+
+def test_schedule_freezes_bottom_up_evenly_over_the_window():
+    s = MovingSchedule(start=1, end=5, begin=0.2, finish=0.6)
+    targets = [s.target(f / 100) for f in range(101)]
+    assert targets[:21] == [1] * 21 and targets[60:] == [5] * 41
+    assert targets == sorted(targets)
+    assert [targets.index(k) for k in (2, 3, 4, 5)] == [30, 40, 50, 60]
+    with pytest.raises(ValueError):
+        MovingSchedule(start=3, end=2)
+    with pytest.raises(ValueError):
+        MovingSchedule(start=0, end=2, begin=0.5, finish=0.5)
+
+
+def test_moving_plan_is_budget_aware_and_says_why():
+    model = _model()
+    static = _static_plan(model, 4)
+    long = moving_plan(static, run_steps=1000)
+    assert long.moving["start"] == 0 and long.boundary == 4 and "moving boundary" in long.rule
+    assert "moves:" in str(long)
+    assert fk.FreezePlan.from_json(long.to_json()) == long
+    short = moving_plan(static, run_steps=10)  # 5 steps in the window: one move of at least 4 steps
+    assert short.moving["start"] == 3 and "affords 1 moves" in short.rule
+    tiny = moving_plan(static, run_steps=2)
+    assert tiny.moving is None and "static" in tiny.rule
+    with pytest.raises(ValueError):
+        moving_plan(fk.plan(fk.analyze(model, [_batch(9)], progress=False), "none"))
+
+
+def test_each_step_of_a_moving_boundary_has_the_gradients_of_a_plain_backward_with_the_same_freeze():
+    torch.manual_seed(0)
+    model = _model()
+    plain = copy.deepcopy(model)
+    plan = moving_plan(_static_plan(model, 4), run_steps=12, start=1, begin=0.0, finish=1.0)
+    handle = fk.apply(model, plan)
+    mover = fk.MovingBoundary(handle)
+    assert mover.boundary == 1
+    seen = set()
+    for step in range(12):
+        batch = _batch(step)
+        k = mover.boundary
+        seen.add(k)
+        frozen_prefix = {f"model.layers.{i}." for i in range(k)}
+        for name, p in plain.named_parameters():  # plain freezing of the same parameters
+            p.requires_grad_(not (name.startswith("model.embed_tokens") or any(name.startswith(f)
+                                                                               for f in frozen_prefix)))
+        model(**batch).loss.backward()
+        plain(**batch).loss.backward()
+        for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+        for p in (*model.parameters(), *plain.parameters()):
+            p.grad = None
+        mover.update((step + 1) / 12, step + 1)
+    assert seen == {1, 2, 3} and mover.boundary == 4
+    mover.handle.remove()
+
+
+def test_trainer_with_a_moving_boundary_never_changes_a_frozen_block_again(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from freezekern.integrations import FreezeKernCallback
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {k: v[0] for k, v in _batch(i, rows=1).items()}
+
+    model = _model()
+    snapshots = {}
+
+    class Snap(TrainerCallback):  # after freezekern's callback: sees each block right after it froze
+        def on_step_end(self, args, state, control, **kwargs):
+            for index in range(cb.handle.boundary):
+                if index not in snapshots:
+                    snapshots[index] = {n: p.detach().clone() for n, p in model.model.layers[index].named_parameters()}
+
+    cb = FreezeKernCallback(plan=_static_plan(model, 4), moving={"begin": 0.1, "finish": 0.6})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=2,
+                             learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=0.1,
+                             use_cpu=True, report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True,
+                             seed=0, dataloader_num_workers=0, max_grad_norm=1.0)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
+                      callbacks=[cb, Snap()])
+    trainer.train()
+    assert cb.plan.moving is not None and cb.plan.run_steps == 40
+    assert [m[2] for m in cb.moves] == sorted(m[2] for m in cb.moves) and cb.handle.boundary == 4
+    assert sorted(snapshots) == [0, 1, 2, 3]
+    for index, frozen in snapshots.items():
+        for name, p in model.model.layers[index].named_parameters():
+            assert torch.equal(p, frozen[name]), f"block {index + 1} {name} changed after it froze"
+    logged = [e["freezekern_boundary"] for e in trainer.state.log_history if "freezekern_boundary" in e]
+    assert logged == sorted(logged) and logged[0] < 4
+
+
+def test_schedule_of_a_static_plan_is_none():
+    assert schedule_of(_static_plan(_model(), 3)) is None
