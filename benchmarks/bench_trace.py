@@ -31,7 +31,9 @@ def setup(bench_device):
         model, tokenizer = fk.load_default_model(device=bench_device)
         batches = fk.make_batches(tokenizer, seq_len=256, num_tokens=32 * 256, batch_size=8)
     elif FULL:  # the real weights are not installed (e.g. on a GPU box): same shapes, random weights
-        model = fk.models.smollm2_shaped_model(device=bench_device)
+        from freezekern.model.loading import smollm2_shaped_model
+
+        model = smollm2_shaped_model(device=bench_device)
         gen = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, 49152, (8, 256), generator=gen) for _ in range(4)]
     else:

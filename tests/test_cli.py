@@ -250,3 +250,38 @@ def test_compare_recommends_resumes_and_refuses_bad_budgets(tiny_dir, tmp_path, 
     one.write_text(json.dumps({"prompt": "abc", "completion": "d"}) + "\n")
     assert main(["compare", "--model", str(tiny_dir), "--data", str(one), "--out", str(out / "x")]) == 2
     assert "at least two are needed" in capsys.readouterr().err
+
+
+def test_compare_runs_the_users_schedule_with_a_moving_arm_and_reports_compute_to_quality(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def g{i}(y):\n    return y + {i}\n" for i in range(300)))
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_dir), "--data", str(corpus), "--seq-len", "32", "--tokens", "128",
+            "--train-tokens", "256", "--eval-tokens", "128", "--budget-steps", "6", "--out", str(out),
+            "--lr", "3e-3", "--policy", "fixed", "--freeze", "3", "--lr-scheduler-type", "cosine",
+            "--warmup-steps", "0.1", "--weight-decay", "0.1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "compare.json").read_text())
+    assert result["schedule"] == {"warmup": 0.1, "decay": "cosine", "weight_decay": 0.1}
+    moving = [r for r in result["results"] if r["arm"]["moving"]]
+    assert len(moving) == 1 and moving[0]["arm"]["boundary"] == 3
+    assert [m["to"] for m in moving[0]["moves"]] == sorted(m["to"] for m in moving[0]["moves"])
+    assert moving[0]["moves"][-1]["to"] == 3
+    assert "compute to reach full fine-tuning's best held-out loss" in printed
+    quality = result["to_quality"]
+    assert quality["reference"] == "full fine-tuning" and quality["full fine-tuning"]["share"] == pytest.approx(1.0)
+    # a different schedule is a different run: nothing is reused
+    assert main([*args[:-2], "--weight-decay", "0.0"]) == 0
+    assert "reusing" not in capsys.readouterr().err
+    assert main([*args[:-6], "--warmup-steps", "7"]) == 2  # more warmup than the budget
+    assert "whole budget" in capsys.readouterr().err
+
+
+def test_compute_to_reach_interpolates_between_checkpoints():
+    from freezekern.trials.compare import compute_to_reach
+
+    rows = [{"flops": 2.0, "heldout_loss": 3.0}, {"flops": 4.0, "heldout_loss": 2.0}]
+    assert compute_to_reach(rows, 2.5, baseline=4.0) == pytest.approx(3.0)
+    assert compute_to_reach(rows, 3.5, baseline=4.0) == pytest.approx(1.0)
+    assert compute_to_reach(rows, 1.0, baseline=4.0) is None

@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--boundaries", default="auto",
                          help="auto (the policy's boundary, its runner-up, freeze half, full) or k1,k2,..,full")
     compare.add_argument("--lora", action="store_true", help="LoRA above each boundary instead")
+    compare.add_argument("--no-moving", action="store_true",
+                         help="leave out the arm whose boundary moves from 0 to the plan's over the run")
+    compare.add_argument("--lr-scheduler-type", choices=["constant", "linear", "cosine"], default="linear",
+                         help="learning-rate decay over the budget, as the Trainer's (default linear)")
+    compare.add_argument("--warmup-steps", type=float, default=0.0,
+                         help="linear warmup: a share of the budget when below 1, else full-step equivalents "
+                              "(the Trainer's warmup_steps; default 0)")
+    compare.add_argument("--weight-decay", type=float, default=0.0,
+                         help="AdamW weight decay on matrices (the Trainer's weight_decay; default 0)")
     compare.add_argument("--lr", type=float, default=None, help="learning rate of every arm (default 1e-4; LoRA 1e-3)")
     compare.add_argument("--tolerance", type=float, default=0.02,
                          help="recommend the cheapest arm within this relative loss of the best (default 0.02)")

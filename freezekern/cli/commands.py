@@ -190,13 +190,30 @@ def _parse_boundaries(text: str):
     return out
 
 
+def _compare_schedule(args, budget_steps):
+    """The Trainer-named schedule flags as a ``Schedule`` over the budget."""
+    from freezekern.trials import Schedule
+
+    if not args.warmup_steps >= 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    warmup = args.warmup_steps
+    if warmup >= 1:
+        if budget_steps is None:
+            raise ValueError("--warmup-steps of 1 or more counts full-step equivalents: give it as a share of the "
+                             "budget (below 1) with --budget-seconds")
+        warmup = warmup / budget_steps
+    if warmup >= 1:
+        raise ValueError(f"--warmup-steps {args.warmup_steps} is the whole budget or more")
+    return Schedule(warmup=warmup, decay=args.lr_scheduler_type, weight_decay=args.weight_decay)
+
+
 def cmd_compare(args) -> int:
     import json
 
     import freezekern as fk
     from freezekern.io import atomic_write_json
-    from freezekern.policy.report import plot_compare
     from freezekern.trials import ArmResult, format_table
+    from freezekern.trials.report import plot_compare
 
     _check_training(args)
     check_positive(args.train_tokens, "--train-tokens", integer=True)
@@ -207,6 +224,7 @@ def cmd_compare(args) -> int:
         check_positive(budget_steps, "--budget-steps")
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must lie in [0, 1), got {args.tolerance}")
+    schedule = _compare_schedule(args, budget_steps)
     boundaries = _parse_boundaries(args.boundaries)
     train_source, eval_source = _train_eval_split(args)
     out = Path(args.out)
@@ -227,7 +245,8 @@ def cmd_compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": args.model, "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size,
                 "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens, "seed": args.seed,
-                "budget_steps": budget_steps, "budget_seconds": args.budget_seconds, "dtype": args.dtype}
+                "budget_steps": budget_steps, "budget_seconds": args.budget_seconds, "dtype": args.dtype,
+                "schedule": schedule.to_dict()}
     done = {}
     if runs_path.is_file() and not args.restart:
         for line in runs_path.read_text().splitlines():
@@ -245,6 +264,7 @@ def cmd_compare(args) -> int:
                                 "result": result.to_dict()}) + "\n")
 
     result = fk.compare(model, train, heldout, plan=plan, boundaries=boundaries, lora=args.lora, lr=args.lr,
+                        moving=not args.no_moving, schedule=schedule,
                         budget_steps=budget_steps if args.budget_seconds is None else None,
                         budget_seconds=args.budget_seconds, tolerance=args.tolerance, seed=args.seed,
                         done=done, on_result=save)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from freezekern.model.parts import discover
 from freezekern.model.training import evaluate
+from freezekern.policy.moving import DEFAULT_MOVING
 from freezekern.policy.rules import FreezePlan
 from freezekern.trials.arms import DEFAULT_CHECKPOINTS, Arm, ArmResult, arm_step_cost
 from freezekern.trials.engine import train_arm
@@ -47,17 +48,58 @@ class CompareResult:
     tolerance: float
     recommended: str | None = None
     reason: str = ""
+    to_quality: dict | None = None  # arm name -> compute to reach full fine-tuning's best loss (``compute_to_quality``)
+    schedule: dict | None = None
 
     def to_dict(self) -> dict:
         return {"results": [r.to_dict() for r in self.results], "baseline": self.baseline,
                 "budget_steps": self.budget_steps, "budget_seconds": self.budget_seconds,
-                "tolerance": self.tolerance, "recommended": self.recommended, "reason": self.reason}
+                "tolerance": self.tolerance, "recommended": self.recommended, "reason": self.reason,
+                "to_quality": self.to_quality, "schedule": self.schedule}
 
     @classmethod
     def from_dict(cls, data: dict) -> CompareResult:
         data = dict(data)
         data["results"] = [ArmResult.from_dict(r) for r in data["results"]]
         return cls(**data)
+
+
+def compute_to_reach(rows: Sequence[dict], target: float, baseline: float | None = None, *,
+                     metric: str = "heldout_loss", axis: str = "flops") -> float | None:
+    """The compute (``axis`` of the rows) at which ``metric`` first reaches ``target``, or None if never.
+
+    Linear between checkpoints, from (0, ``baseline``) when given; rows in
+    budget order.
+    """
+    points = ([(0.0, baseline)] if baseline is not None else []) + [(r[axis], r[metric]) for r in rows]
+    for i, (x, y) in enumerate(points):
+        if y <= target:
+            if i == 0:
+                return x
+            x0, y0 = points[i - 1]
+            return x0 + (x - x0) * (y0 - target) / (y0 - y) if y0 != y else x
+    return None
+
+
+def compute_to_quality(results: Sequence[ArmResult], baseline: float | None, *, reference: str | None = None,
+                       metric: str = "heldout_loss") -> dict | None:
+    """Per arm, the compute it needs to reach the reference arm's best ``metric`` (the savings-at-equal-quality
+    figure): ``{"target", "reference", name: {"flops", "share"}}``; ``share`` is that compute over the reference's own
+    compute to its best (None: not reached within the budget). The reference is full fine-tuning by default."""
+    by_name = {r.arm.name: r for r in results if r.rows}
+    if reference is None:
+        reference = next((r.arm.name for r in results if r.arm.boundary is None and not r.arm.lora), None)
+    if reference not in by_name:
+        return None
+    ref_rows = by_name[reference].rows
+    best = min(ref_rows, key=lambda row: row[metric])
+    target = best[metric]
+    ref_compute = compute_to_reach(ref_rows, target, baseline, metric=metric)
+    out: dict = {"target": target, "reference": reference}
+    for name, r in by_name.items():
+        spent = compute_to_reach(r.rows, target, baseline, metric=metric)
+        out[name] = {"flops": spent, "share": spent / ref_compute if spent is not None and ref_compute else None}
+    return out
 
 
 def recommend(results: Sequence[ArmResult], tolerance: float, metric: str = "heldout_loss") -> tuple[str, str]:
@@ -133,18 +175,22 @@ def run_trials(
         results.append(result)
     name, reason = recommend(results, tolerance)
     return CompareResult(results=results, baseline=baseline, budget_steps=budget_steps,
-                         budget_seconds=budget_seconds, tolerance=tolerance, recommended=name, reason=reason)
+                         budget_seconds=budget_seconds, tolerance=tolerance, recommended=name, reason=reason,
+                         to_quality=compute_to_quality(results, baseline["heldout_loss"]),
+                         schedule=(schedule or Schedule()).to_dict())
 
 
 def arms_for(plan: FreezePlan | None, boundaries="auto", *, num_layers: int | None = None, lora: bool = False,
-             lr: float | None = None) -> list[Arm]:
+             lr: float | None = None, moving: bool = True) -> list[Arm]:
     """The arms ``compare`` trains.
 
     ``boundaries="auto"``: the plan's boundary, its runner-up, freeze half and
-    full fine-tuning; or a list of boundaries (ints; None or "full" for full
-    fine-tuning). ``lora``: LoRA above each boundary instead (full fine-tuning
-    becomes LoRA on every block). ``lr``: every arm's learning rate (default
-    1e-4, LoRA 1e-3).
+    full fine-tuning, and (``moving``, without LoRA) a boundary that moves
+    from 0 to the plan's over the run (the plan's own schedule when it moves);
+    or a list of boundaries (ints; None or "full" for full fine-tuning).
+    ``lora``: LoRA above each boundary instead (full fine-tuning becomes LoRA
+    on every block). ``lr``: every arm's learning rate (default 1e-4, LoRA
+    1e-3).
     """
     num_layers = num_layers if num_layers is not None else plan.num_layers
     if boundaries == "auto":
@@ -167,6 +213,11 @@ def arms_for(plan: FreezePlan | None, boundaries="auto", *, num_layers: int | No
             continue
         seen.add((k, lora))
         arms.append(Arm(name, k, lr=lr if lr is not None else (1e-3 if lora else 1e-4), lora=lora))
+    if boundaries == "auto" and not lora and plan.cut and (moving or plan.moving) and plan.boundary > 0:
+        settings = dict(plan.moving) if plan.moving else dict(DEFAULT_MOVING)
+        settings = {k: v for k, v in settings.items() if v is not None}
+        name = f"moving (k={settings['start']}->{plan.boundary})"
+        arms.insert(1, Arm(name, plan.boundary, lr=lr if lr is not None else 1e-4, moving=settings))
     return arms
 
 
@@ -179,17 +230,19 @@ def compare(
     boundaries="auto",
     lora: bool = False,
     lr: float | None = None,
+    moving: bool = True,
     **trial_kwargs,
 ) -> CompareResult:
     """The cost-benefit curve of a few boundaries on the user's data, at equal compute.
 
-    Trains the arms of ``arms_for(plan, boundaries, lora=, lr=)`` with
+    Trains the arms of ``arms_for(plan, boundaries, lora=, lr=, moving=)`` with
     ``run_trials`` (``budget_steps`` or ``budget_seconds``, ``checkpoints``,
-    ``tolerance``, ``seed``, ``done``/``on_result`` for resuming) and
+    ``tolerance``, ``seed``, ``schedule`` (warmup, decay, weight decay),
+    ``done``/``on_result`` for resuming) and
     recommends the cheapest arm within ``tolerance`` of the best final
     held-out loss.
     """
-    arms = arms_for(plan, boundaries, num_layers=discover(model).num_layers, lora=lora, lr=lr)
+    arms = arms_for(plan, boundaries, num_layers=discover(model).num_layers, lora=lora, lr=lr, moving=moving)
     return run_trials(model, train_batches, heldout_batches, arms, **trial_kwargs)
 
 
@@ -205,6 +258,12 @@ def format_table(result: CompareResult, metric: str = "heldout_loss") -> str:
         mark = "  <- recommended" if r.arm.name == result.recommended else ""
         values = "".join(f"{row[metric]:>10.4f}" for row in r.rows)
         lines.append(f"{r.arm.name:<22}{r.step_cost:>10.2f}{r.steps:>7}{values}{mark}")
+    quality = result.to_quality
+    if quality:
+        shares = [f"{name} {value['share']:.0%}" if value["share"] is not None else f"{name} not reached"
+                  for name, value in quality.items() if isinstance(value, dict)]
+        lines.append(f"compute to reach {quality['reference']}'s best held-out loss ({quality['target']:.4f}), as a "
+                     f"share of its own: " + ", ".join(shares))
     if result.reason:
         lines.append(f"recommended: {result.recommended}: {result.reason}")
     return "\n".join(lines)

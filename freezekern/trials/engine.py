@@ -157,6 +157,8 @@ def train_arm(
         bar.close()
         if mover is not None:
             result.moves = list(mover.moves)
+            if result.steps and budget_steps is not None:
+                result.step_cost = flops / result.steps  # the run's mean: the boundary moved
         if cache is not None:
             result.cache = cache.stats()
             cache.detach()

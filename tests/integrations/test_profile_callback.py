@@ -151,4 +151,4 @@ def test_training_shorter_than_the_profile(tmp_path):
     callback = BackwardProfileCallback(steps=4, warmup=1, repeats=1, print_verdict=False)
     trainer = _train(_model(), tmp_path, [callback], max_steps=4)
     assert callback.report is not None and "training ended after 4 of 10 profiled steps" in callback.report.verdict
-    assert fk.truncate.active_handle(trainer.model) is None
+    assert fk.active_handle(trainer.model) is None

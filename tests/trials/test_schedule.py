@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import freezekern as fk
+from freezekern.model.training import evaluate
 from freezekern.trials import Arm, train_arm
 from freezekern.trials.schedule import Schedule, adamw, set_lr
 
@@ -58,7 +59,7 @@ def test_a_run_interrupted_after_a_checkpoint_resumes_to_the_same_result(tmp_pat
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return {"loss": fk.training.evaluate(m, b)}
+        return {"loss": evaluate(m, b)}
 
     state = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):
