@@ -278,7 +278,7 @@ def cmd_compare(args) -> int:
 def cmd_bench(args) -> int:
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     if not root.is_dir():
         raise FileNotFoundError("benchmarks/ not found: run `freezekern bench` from a source checkout")
     target = root / args.suite if args.suite else root  # a suite may name a test: bench_x.py::test_y

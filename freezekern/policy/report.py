@@ -6,7 +6,8 @@ from pathlib import Path
 
 from freezekern.analysis.trace import DeviationTrace
 from freezekern.io import save_png
-from freezekern.policy.rules import FreezePlan, ScalingFit
+from freezekern.policy.depth_law import ScalingFit
+from freezekern.policy.freeze_plan import FreezePlan
 
 
 def _plan_fit(plan: FreezePlan | None) -> ScalingFit | None:

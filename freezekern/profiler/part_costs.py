@@ -175,16 +175,16 @@ def measure_part_costs(model: nn.Module, batch: Mapping, *, parts: ModelParts | 
     embedding_forward = embedding_grad = 0.0
     if embedding is not None and "embedding" in captured:
         entry = captured["embedding"]
-        args = ((entry.hidden,) + entry.args) if entry.in_args else entry.args
+        args, kwargs = with_block_hidden_input(entry.args, entry.kwargs, entry.hidden, entry.in_args)
         times, grads = [], []
         params = trainable_of(embedding)
         for _ in range(repeats):
             start = clock.now()
             with torch.no_grad():
-                embedding(*args, **entry.kwargs)
+                embedding(*args, **kwargs)
             times.append(clock.now() - start)
             if params:
-                out = embedding(*args, **entry.kwargs)
+                out = embedding(*args, **kwargs)
                 start = clock.now()
                 torch.autograd.grad(out, params, torch.full_like(out, 1e-3), allow_unused=True)
                 grads.append(clock.now() - start)

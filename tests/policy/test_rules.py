@@ -8,7 +8,8 @@ import pytest
 
 import freezekern as fk
 from freezekern.policy.cost import StepSetup, flop_costs, step_fraction
-from freezekern.policy.rules import FALLBACK_FROZEN_SHARE, fit_scaling_law, layer_gains, regime_start
+from freezekern.policy.depth_law import fit_scaling_law, layer_gains, regime_start
+from freezekern.policy.rules import FALLBACK_FROZEN_SHARE
 
 
 def synthetic_trace(deviations, tied=False, block_params=100, metric="cosine"):

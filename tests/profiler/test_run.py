@@ -317,12 +317,13 @@ def test_cli_profile_writes_table_json_and_png(tiny_dir, tmp_path, capsys):
     (["--threads", "0"], "--threads must be positive"),
 ])
 def test_cli_profile_refuses_bad_arguments_before_loading(monkeypatch, tmp_path, capsys, argv, message):
-    import freezekern.cli.commands as cli
+    import freezekern.cli as cli
+    import freezekern.cli.commands as commands
 
     def no_load(args):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load", no_load)
+    monkeypatch.setattr(commands, "_load", no_load)
     assert cli.main(["profile", "--out", str(tmp_path / "o")] + argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
