@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     finetune.add_argument("--steps", type=int, default=20)
     finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--moving", action="store_true",
+                          help="move the boundary with training: every block trains early, the plan's boundary "
+                               "from 60%% of the steps on (budget-aware: a short run freezes more from the start)")
     finetune.add_argument("--eval-tokens", type=int, default=2048)
     finetune.add_argument("--gradient-checkpointing", action="store_true")
     finetune.add_argument("--lora", action="store_true", help="LoRA adapters on the trained blocks only")

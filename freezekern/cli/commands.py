@@ -137,6 +137,12 @@ def cmd_finetune(args) -> int:
     else:
         trace, plan = _trace_and_plan(args, model, calibration)
     _warn_few_tokens(trace, args.tokens, args.examples)
+    if args.moving:
+        from freezekern.policy.moving import moving_plan
+
+        if not plan.cut:
+            raise ValueError("--moving needs a boundary to move towards: not with --policy none")
+        plan = moving_plan(plan, run_steps=args.steps)
     print(plan)
     report = finetune(model, tokenizer, train_batches, eval_batches, plan, steps=args.steps, lr=args.lr,
                       gradient_checkpointing=args.gradient_checkpointing, lora=args.lora, output_dir=args.out,

@@ -28,6 +28,7 @@ weights.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -37,12 +38,12 @@ import random
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from freezekern.cut import apply, trainable_parameters
+from freezekern.cut.moving import MovingBoundary
 from freezekern.io import atomic_write_json
 from freezekern.model.training import (
     device_of,
@@ -54,6 +55,7 @@ from freezekern.model.training import (
 )
 from freezekern.policy.rules import PLAN_FILE, FreezePlan
 from freezekern.profiler.memory import PeakMemory, release_memory
+from freezekern.profiler.timing import timed, train_step
 
 logger = logging.getLogger("freezekern.trials.finetune")
 
@@ -121,7 +123,7 @@ def _find_checkpoint(output_dir: Path) -> Path | None:
 
 def _mismatch(saved: dict, meta: dict) -> str | None:
     for key in ("boundary", "fingerprint", "lora", "gradient_checkpointing", "lr", "data", "seed", "cut",
-                "fused_loss"):
+                "fused_loss", "moving"):
         if saved.get(key) != meta.get(key):
             return f"{key} differs (checkpoint: {saved.get(key)!r}, now: {meta.get(key)!r})"
     return None
@@ -130,8 +132,11 @@ def _mismatch(saved: dict, meta: dict) -> str | None:
 # -- one training run -------------------------------------------------------------------------
 
 def _train(model, train_batches, steps: int, lr: float, *, label: str, progress: bool, device,
-           start_step: int = 0, optimizer=None, checkpoint=None, history=None) -> dict:
-    """Run steps start_step..steps-1; returns timing, loss and memory numbers for the steps run."""
+           start_step: int = 0, optimizer=None, checkpoint=None, history=None, mover=None) -> dict:
+    """Run steps start_step..steps-1; returns timing, loss and memory numbers for the steps run.
+
+    ``mover``: a ``MovingBoundary`` told the share of the run done after each step.
+    """
     from tqdm.auto import tqdm
 
     optimizer = optimizer or torch.optim.AdamW(trainable_parameters(model), lr=lr)
@@ -145,17 +150,10 @@ def _train(model, train_batches, steps: int, lr: float, *, label: str, progress:
             for step in range(start_step, steps):
                 batch = to_device(train_batches[step % len(train_batches)], device)
                 tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                loss = model(**batch, use_cache=False).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - start
-                loss_value = float(loss.detach())
+                loss, elapsed = timed(functools.partial(train_step, model, batch, optimizer), device)
+                if mover is not None:
+                    mover.update((step + 1) / steps, step + 1)
+                loss_value = float(loss)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"{label}: the training loss became {loss_value} at step {step + 1}")
                 step_times.append(elapsed)
@@ -240,6 +238,31 @@ def finetune(
     ``fused_loss``: the loss of both runs comes from the fused LM-head op
     (``freezekern.cut.fused_loss``).
     """
+    train_batches, eval_batches = _checked(steps, lr, compare, train_batches, eval_batches)
+    device = device_of(model)
+    output = Path(output_dir) if output_dir is not None else None
+    meta = _run_meta(model, plan, train_batches, steps=steps, lr=lr, lora=lora, seed=seed, fused_loss=fused_loss,
+                     gradient_checkpointing=gradient_checkpointing)
+    report = _new_report(plan, meta, device, train_batches, eval_batches, output)
+    saved_state = _resume_point(output, meta, resume, report, progress)
+    original = copy.deepcopy(model) if compare == "full" and not _compare_cached(output, meta) else None
+    eval_before = saved_state["history"].get("eval_before") if saved_state else None
+    if eval_before is None:
+        eval_before = evaluate(model, eval_batches)
+    _say(f"held-out loss before training: {eval_before:.4f}", progress)
+    work = _train_with_plan(model, plan, train_batches, eval_batches, report, meta, saved_state, eval_before,
+                            output=output, progress=progress, lora_kwargs=lora_kwargs, save_every=save_every)
+    if compare == "full":
+        _compare_full(original, train_batches, eval_batches, report, meta, eval_before, output=output,
+                      progress=progress)
+    if output is not None:
+        _save_outputs(work, tokenizer, plan, output, report)
+    return report
+
+
+# -- its steps ------------------------------------------------------------------------------
+
+def _checked(steps, lr, compare, train_batches, eval_batches) -> tuple[list, list]:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not (lr > 0):
@@ -249,154 +272,195 @@ def finetune(
     train_batches, eval_batches = list(train_batches), list(eval_batches)
     if not train_batches or not eval_batches:
         raise ValueError("finetune needs at least one training batch and one held-out batch")
-    device = device_of(model)
-    output = Path(output_dir) if output_dir is not None else None
+    return train_batches, eval_batches
+
+
+def _run_meta(model, plan: FreezePlan, train_batches, *, steps, lr, lora, seed, fused_loss,
+              gradient_checkpointing) -> dict:
+    """What makes two runs the same run (a checkpoint resumes only a run with equal meta)."""
     from freezekern.model.parts import discover
 
-    fingerprint = discover(model).fingerprint()
-    meta = {"boundary": plan.boundary, "fingerprint": fingerprint, "lora": bool(lora),
+    return {"boundary": plan.boundary, "fingerprint": discover(model).fingerprint(), "lora": bool(lora),
             "gradient_checkpointing": bool(gradient_checkpointing), "lr": lr, "steps": steps,
             "data": _data_signature(train_batches), "seed": seed, "cut": plan.cut,
-            "fused_loss": bool(fused_loss)}
-    report: dict = {
+            "fused_loss": bool(fused_loss), "moving": plan.moving}
+
+
+def _new_report(plan: FreezePlan, meta: dict, device, train_batches, eval_batches, output) -> dict:
+    return {
         "plan": {"policy": plan.policy, "metric": plan.metric, "boundary": plan.boundary,
                  "num_layers": plan.num_layers, "backward_fraction": plan.backward_fraction,
-                 "step_flops_fraction": plan.step_flops_fraction, "train_head": plan.train_head},
-        "setup": {"steps": steps, "lr": lr, "gradient_checkpointing": bool(gradient_checkpointing),
-                  "lora": bool(lora), "device": str(device), "seed": seed,
-                  "fused_loss": bool(fused_loss),
+                 "step_flops_fraction": plan.step_flops_fraction, "train_head": plan.train_head,
+                 "moving": plan.moving},
+        "setup": {"steps": meta["steps"], "lr": meta["lr"], "gradient_checkpointing": meta["gradient_checkpointing"],
+                  "lora": meta["lora"], "device": str(device), "seed": meta["seed"],
+                  "fused_loss": meta["fused_loss"],
                   "batch_shape": list(train_batches[0]["input_ids"].shape),
                   "train_batches": len(train_batches), "eval_batches": len(eval_batches)},
         "resume": {"resumed": False, "from_step": 0, "reason": "no output_dir" if output is None else None},
     }
 
-    # Where do we start?
-    saved_state, checkpoint_folder = None, None
-    if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        checkpoint_folder = output / CHECKPOINT
-        found = _find_checkpoint(output)
-        if found is None:
-            report["resume"]["reason"] = f"no checkpoint in {output}: starting from step 0"
-        elif not resume:
-            report["resume"]["reason"] = f"resume=False: starting over (the checkpoint in {found} will be replaced)"
+
+def _resume_point(output: Path | None, meta: dict, resume: bool, report: dict, progress: bool) -> dict | None:
+    """The saved state to continue from (None: start at step 0); ``report["resume"]`` says why."""
+    if output is None:
+        return None
+    output.mkdir(parents=True, exist_ok=True)
+    found = _find_checkpoint(output)
+    saved_state = None
+    if found is None:
+        report["resume"]["reason"] = f"no checkpoint in {output}: starting from step 0"
+    elif not resume:
+        report["resume"]["reason"] = f"resume=False: starting over (the checkpoint in {found} will be replaced)"
+    else:
+        problem = _mismatch(json.loads((found / "meta.json").read_text()), meta)
+        if problem is not None:
+            report["resume"]["reason"] = f"checkpoint in {found} does not match this run ({problem}): starting over"
         else:
-            saved_meta = json.loads((found / "meta.json").read_text())
-            problem = _mismatch(saved_meta, meta)
-            if problem is not None:
-                report["resume"]["reason"] = f"checkpoint in {found} does not match this run ({problem}): starting over"
-            else:
-                saved_state = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
-                report["resume"] = {"resumed": True, "from_step": int(saved_state["step"]),
-                                    "reason": f"resuming from {found} at step {saved_state['step']} of {steps}"}
-        _say(f"freezekern finetune: {report['resume']['reason']}", progress)
+            saved_state = torch.load(found / "state.pt", map_location="cpu", weights_only=False)
+            report["resume"] = {"resumed": True, "from_step": int(saved_state["step"]),
+                                "reason": f"resuming from {found} at step {saved_state['step']} of {meta['steps']}"}
+    _say(f"freezekern finetune: {report['resume']['reason']}", progress)
+    return saved_state
 
-    original = copy.deepcopy(model) if compare == "full" and not _compare_cached(output, meta) else None
 
-    eval_before = saved_state["history"].get("eval_before") if saved_state else None
-    if eval_before is None:
-        eval_before = evaluate(model, eval_batches)
-    _say(f"held-out loss before training: {eval_before:.4f}", progress)
-
-    # freezekern run
-    flags = {id(p): p.requires_grad for p in model.parameters()}
+def _set_up(model, plan: FreezePlan, meta: dict, lora_kwargs):
+    """LoRA above the boundary (optional), checkpointing (optional) and the cut on ``model``: (work, handle)."""
     work = model
-    seed_everything(seed)
-    if lora:
+    seed_everything(meta["seed"])
+    if meta["lora"]:
         import peft
 
         from freezekern.policy.lora import lora_config
 
         work = peft.get_peft_model(model, lora_config(plan.boundary, model, **(lora_kwargs or {})))
-    if gradient_checkpointing:
-        enable_checkpointing(work)
-    handle = apply(work, plan, fused_loss=fused_loss)
+    try:
+        if meta["gradient_checkpointing"]:
+            enable_checkpointing(work)
+        return work, apply(work, plan, fused_loss=meta["fused_loss"])
+    except BaseException:
+        _take_down(model, work, None, meta, merge=False)
+        raise
+
+
+def _take_down(model, work, handle, meta: dict, *, merge: bool):
+    """Undo ``_set_up``: the cut, checkpointing, and LoRA (merged after a finished run, removed otherwise)."""
+    if handle is not None and handle.active:
+        handle.remove()
+    if meta["gradient_checkpointing"]:
+        disable_checkpointing(work)
+    if work is not model:
+        work = work.merge_and_unload() if merge else work.unload()
+    return work
+
+
+def _restore(work, optimizer, saved_state: dict) -> tuple[dict, int]:
+    named = dict(work.named_parameters())
+    missing = [n for n in saved_state["trainable"] if n not in named]
+    if missing:
+        raise RuntimeError(f"checkpoint holds parameters this model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in saved_state["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(saved_state["optimizer"])
+    _set_rng_state(saved_state["rng"])
+    return saved_state["history"], int(saved_state["step"])
+
+
+def _train_with_plan(model, plan: FreezePlan, train_batches, eval_batches, report: dict, meta: dict, saved_state,
+                     eval_before: float, *, output, progress: bool, lora_kwargs, save_every):
+    """The freezekern run: set up, (resume,) train, evaluate, take down; returns the trained model."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    steps = meta["steps"]
+    work, handle = _set_up(model, plan, meta, lora_kwargs)
     trainable = sum(p.numel() for p in trainable_parameters(work))
     total = sum(p.numel() for p in work.parameters())
-    what = f"LoRA adapters on blocks {plan.boundary + 1}..{plan.num_layers}" if lora else \
+    what = f"LoRA adapters on blocks {plan.boundary + 1}..{plan.num_layers}" if meta["lora"] else \
         ("every parameter" if not plan.cut else f"blocks {plan.boundary + 1}..{plan.num_layers}, norm, head as planned")
+    if plan.moving:
+        what += f"; the boundary moves from k={plan.moving['start']}"
     _say(f"training {trainable:,} of {total:,} parameters ({trainable / max(total, 1):.2%}: {what})", progress)
+    finished, mover = False, None
     try:
-        optimizer = torch.optim.AdamW(trainable_parameters(work), lr=lr)
-        history = {"loss": [], "step_s": [], "tokens": [], "eval_before": eval_before}
-        start = 0
+        optimizer = torch.optim.AdamW(trainable_parameters(work), lr=meta["lr"])
+        mover = MovingBoundary(handle, optimizer=optimizer) if plan.moving else None
+        history, start = {"loss": [], "step_s": [], "tokens": [], "eval_before": eval_before}, 0
         if saved_state is not None:
-            named = dict(work.named_parameters())
-            missing = [n for n in saved_state["trainable"] if n not in named]
-            if missing:
-                raise RuntimeError(f"checkpoint holds parameters this model lacks: {missing[:3]}")
-            with torch.no_grad():
-                for name, value in saved_state["trainable"].items():
-                    named[name].copy_(value)
-            optimizer.load_state_dict(saved_state["optimizer"])
-            _set_rng_state(saved_state["rng"])
-            history = saved_state["history"]
-            start = int(saved_state["step"])
+            history, start = _restore(work, optimizer, saved_state)
+        if mover is not None:
+            handle = mover.update(start / steps, start)
         checkpoint = None
-        if checkpoint_folder is not None:
+        if output is not None:
             every = save_every if save_every is not None else max(1, steps // 10)
-            checkpoint = {"folder": checkpoint_folder, "every": every, "meta": meta}
-        label = f"freezekern k={plan.boundary}/{plan.num_layers}" + (" +LoRA" if lora else "") + \
-            (" +GC" if gradient_checkpointing else "")
-        result = _train(work, train_batches, steps, lr, label=label, progress=progress, device=device,
-                        start_step=start, optimizer=optimizer, checkpoint=checkpoint, history=history)
-        eval_after = evaluate(work, eval_batches)
-        report["freezekern"] = _numbers(result, eval_before, eval_after, work)
-        if checkpoint_folder is not None:  # the finished state, so a re-run only reports
-            _save_checkpoint(checkpoint_folder, work, result["optimizer"], steps, meta, result["history"])
+            checkpoint = {"folder": output / CHECKPOINT, "every": every, "meta": meta}
+        label = f"freezekern k={plan.boundary}/{plan.num_layers}" + (" +LoRA" if meta["lora"] else "") + \
+            (" +GC" if meta["gradient_checkpointing"] else "") + (" moving" if mover is not None else "")
+        result = _train(work, train_batches, steps, meta["lr"], label=label, progress=progress,
+                        device=device_of(work), start_step=start, optimizer=optimizer, checkpoint=checkpoint,
+                        history=history, mover=mover)
+        if mover is not None:
+            handle = mover.handle
+            report["moves"] = list(mover.moves)
+        report["freezekern"] = _numbers(result, eval_before, evaluate(work, eval_batches), work)
+        if checkpoint is not None:  # the finished state, so a re-run only reports
+            _save_checkpoint(checkpoint["folder"], work, result["optimizer"], steps, meta, result["history"])
+        finished = True
     finally:
-        handle.remove()
-        if gradient_checkpointing:
-            disable_checkpointing(work)
-    if lora:
-        work = work.merge_and_unload()
-    for p in work.parameters():  # LoRA froze the base weights: give the caller its flags back
-        if id(p) in flags:
-            p.requires_grad_(flags[id(p)])
+        if mover is not None:
+            handle = mover.handle
+        work = _take_down(model, work, handle, meta, merge=finished)
+        for p in work.parameters():  # LoRA and the cut froze weights: give the caller its flags back
+            if id(p) in flags:
+                p.requires_grad_(flags[id(p)])
     _say(f"held-out loss after training: {report['freezekern']['eval_loss_after']:.4f}", progress)
     del optimizer, result
-    release_memory(device)
+    release_memory(device_of(work))
+    return work
 
-    # full fine-tuning, same run
-    if compare == "full":
-        cached = _compare_cached(output, meta)
-        if cached is not None:
-            report["full"] = cached
-            _say(f"full fine-tuning numbers reused from {output / COMPARE_FILE}", progress)
-        else:
-            baseline = original
-            for p in baseline.parameters():
-                p.requires_grad_(True)
-            if gradient_checkpointing:
-                enable_checkpointing(baseline)
-            if fused_loss:
-                from freezekern.cut.fused_loss import fused_loss as apply_fused_loss
 
-                apply_fused_loss(baseline)  # the copy is dropped after the comparison
-            full = _train(baseline, train_batches, steps, lr, label="full fine-tuning" +
-                          (" +GC" if gradient_checkpointing else ""), progress=progress, device=device)
-            report["full"] = _numbers(full, eval_before, evaluate(baseline, eval_batches), baseline)
-            del baseline, original, full
-            release_memory(device)
-            if output is not None:
-                atomic_write_json(output / COMPARE_FILE, {"meta": meta, "full": report["full"]})
-        fk, fl = report["freezekern"], report["full"]
-        report["comparison"] = {
-            "step_time_ratio": _ratio(fk["step_time_s"], fl["step_time_s"]),
-            "speedup": _ratio(fl["step_time_s"], fk["step_time_s"]),
-            "peak_memory_ratio": _ratio(fk["peak_memory_mb"], fl["peak_memory_mb"]),
-            "eval_loss_after_difference": fk["eval_loss_after"] - fl["eval_loss_after"],
-        }
+def _compare_full(original, train_batches, eval_batches, report: dict, meta: dict, eval_before: float, *,
+                  output, progress: bool) -> None:
+    """Full fine-tuning of the untouched copy, same steps, batches, lr and checkpointing (or its cached numbers)."""
+    cached = _compare_cached(output, meta)
+    if cached is not None:
+        report["full"] = cached
+        _say(f"full fine-tuning numbers reused from {output / COMPARE_FILE}", progress)
+    else:
+        baseline = original
+        for p in baseline.parameters():
+            p.requires_grad_(True)
+        if meta["gradient_checkpointing"]:
+            enable_checkpointing(baseline)
+        if meta["fused_loss"]:
+            from freezekern.cut.fused_loss import fused_loss as apply_fused_loss
 
-    if output is not None:
-        saved = {"model": str(output / "model"), "plan": str(output / PLAN_FILE), "report": str(output / REPORT_FILE)}
-        work.save_pretrained(output / "model")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output / "model")
-        plan.save(output / PLAN_FILE)
-        report["saved"] = saved
-        atomic_write_json(output / REPORT_FILE, report)
-    return report
+            apply_fused_loss(baseline)  # the copy is dropped after the comparison
+        full = _train(baseline, train_batches, meta["steps"], meta["lr"], label="full fine-tuning" +
+                      (" +GC" if meta["gradient_checkpointing"] else ""), progress=progress,
+                      device=device_of(baseline))
+        report["full"] = _numbers(full, eval_before, evaluate(baseline, eval_batches), baseline)
+        device = device_of(baseline)
+        del baseline, original, full
+        release_memory(device)
+        if output is not None:
+            atomic_write_json(output / COMPARE_FILE, {"meta": meta, "full": report["full"]})
+    fk, fl = report["freezekern"], report["full"]
+    report["comparison"] = {
+        "step_time_ratio": _ratio(fk["step_time_s"], fl["step_time_s"]),
+        "speedup": _ratio(fl["step_time_s"], fk["step_time_s"]),
+        "peak_memory_ratio": _ratio(fk["peak_memory_mb"], fl["peak_memory_mb"]),
+        "eval_loss_after_difference": fk["eval_loss_after"] - fl["eval_loss_after"],
+    }
+
+
+def _save_outputs(work, tokenizer, plan: FreezePlan, output: Path, report: dict) -> None:
+    saved = {"model": str(output / "model"), "plan": str(output / PLAN_FILE), "report": str(output / REPORT_FILE)}
+    work.save_pretrained(output / "model")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output / "model")
+    plan.save(output / PLAN_FILE)
+    report["saved"] = saved
+    atomic_write_json(output / REPORT_FILE, report)
 
 
 def _ratio(a, b):
