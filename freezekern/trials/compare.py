@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from freezekern.model.parts import discover
 from freezekern.model.training import evaluate
-from freezekern.policy.moving import DEFAULT_MOVING
+from freezekern.policy.moving import DEFAULT_MOVING, moving_plan
 from freezekern.policy.rules import FreezePlan
 from freezekern.trials.arms import DEFAULT_CHECKPOINTS, Arm, ArmResult, arm_step_cost
 from freezekern.trials.engine import train_arm
@@ -242,8 +242,26 @@ def compare(
     recommends the cheapest arm within ``tolerance`` of the best final
     held-out loss.
     """
-    arms = arms_for(plan, boundaries, num_layers=discover(model).num_layers, lora=lora, lr=lr, moving=moving)
+    parts = discover(model)
+    arms = arms_for(plan, boundaries, num_layers=parts.num_layers, lora=lora, lr=lr, moving=moving)
+    if trial_kwargs.get("budget_steps") is not None:
+        arms = [_fit_to_budget(arm, plan, parts, trial_kwargs["budget_steps"]) for arm in arms]
+        arms = [arm for arm in arms if arm is not None]
     return run_trials(model, train_batches, heldout_batches, arms, **trial_kwargs)
+
+
+def _fit_to_budget(arm: Arm, plan: FreezePlan, parts, budget_steps: float) -> Arm | None:
+    """A moving arm made budget-aware (``moving_plan``) for the steps the budget buys at its final boundary;
+    None when the budget is too short for any move (the static arm at the plan's boundary covers it)."""
+    if arm.moving is None or plan.moving:
+        return arm
+    steps = int(budget_steps / arm_step_cost(dataclasses.replace(arm, moving=None), parts))
+    fitted = moving_plan(dataclasses.replace(plan, moving=None, run_steps=None), run_steps=max(steps, 1),
+                         **{k: v for k, v in arm.moving.items() if k != "settle"})
+    if not fitted.moving:
+        return None
+    name = f"moving (k={fitted.moving['start']}->{plan.boundary})"
+    return dataclasses.replace(arm, name=name, moving={k: v for k, v in fitted.moving.items() if v is not None})
 
 
 def format_table(result: CompareResult, metric: str = "heldout_loss") -> str:
