@@ -4,8 +4,8 @@
 //   deviation_cpu.cpp, linear_cross_entropy_cpu.cpp                    TORCH_LIBRARY_IMPL(freezekern, CPU, m)
 //   deviation_cuda_wrapper.cpp, linear_cross_entropy_cuda_wrapper.cpp  TORCH_LIBRARY_IMPL(freezekern, CUDA, m)
 //                                                                      (CUDA builds only)
-// The fake (meta) kernels used by torch.compile, and the autograd formula of
-// linear_cross_entropy, live in freezekern/ops/native.py.
+// The fake (meta) kernels used by torch.compile live in freezekern/ops/native.py;
+// the autograd formula of linear_cross_entropy in freezekern/ops/linear_cross_entropy.py.
 //
 // Shapes and dtypes (see freezekern/ops/reference.py for the definitions):
 //   h [N, D] fp32|bf16|fp16, basis [M, D], target_row [N] int64 (< 0: ignored)

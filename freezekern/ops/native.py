@@ -11,10 +11,9 @@ which is reported once with ``warnings.warn``. Set FREEZEKERN_DISABLE_NATIVE=1
 to ignore a built extension.
 
 It also registers the fake (meta) kernels so ``torch.compile`` can trace the
-ops (the deviation ops return an fp32 [N] tensor on h's device), and the
-autograd formula of ``linear_cross_entropy`` (``torch.library.register_autograd``):
-gradients computed by its forward are scaled by the incoming gradient,
-otherwise the backward op recomputes the logits.
+ops (the deviation ops return an fp32 [N] tensor on h's device). The autograd
+formula of ``linear_cross_entropy`` is registered beside its Python face, in
+``linear_cross_entropy.py``; this module imports nothing else of the package.
 
 Shapes and dtypes are those of ``reference.py``: h [N, D] fp32|bf16|fp16 (any
 row stride; an inner stride != 1 is copied to contiguous by the kernel),
@@ -130,38 +129,6 @@ def _register_fakes() -> None:
         return (f32(n, d) if need_h else f32(0), f32(vocab, d) if need_weight else f32(0),
                 f32(vocab) if need_bias else f32(0))
 
-    torch.library.register_autograd("freezekern::linear_cross_entropy", _lce_backward,
-                                    setup_context=_lce_setup_context)
-
-
-def _lce_setup_context(ctx, inputs, output):
-    from freezekern.ops.linear_cross_entropy import save_for_backward
-
-    h, weight, target, bias, softcap, ignore_index, reduce_sum, grad_h, grad_weight, grad_bias = inputs
-    _, lse, gh, gw, gb = output
-    ctx.mark_non_differentiable(lse, gh, gw, gb)
-    ctx.set_materialize_grads(False)  # else the backward gets a zero [V, D] "gradient" of grad_weight
-    ctx.config = (softcap, ignore_index, reduce_sum)
-    ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-    save_for_backward(ctx, h, weight, bias, target, lse, (grad_h, grad_weight, grad_bias), gh, gw, gb)
-
-
-def _lce_backward(ctx, grad_loss, *unused):
-    from freezekern.ops.linear_cross_entropy import cast_grads, eager_grads, rows_gradient
-
-    softcap, ignore_index, reduce_sum = ctx.config
-    if grad_loss is None:  # the loss itself did not reach the output being differentiated
-        return (None,) * 10
-    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-    grads = eager_grads(ctx, grad_loss, reduce_sum, ignore_index)
-    if grads is None:
-        h, weight, bias, target, lse = ctx.saved_tensors
-        grad_rows = rows_gradient(grad_loss, reduce_sum, target, ignore_index)
-        grads = torch.ops.freezekern.linear_cross_entropy_backward.default(
-            h, weight, target, bias, lse, grad_rows, softcap, ignore_index, need_h, need_w, need_b)
-    dh, dw, db = cast_grads(grads, (need_h, need_w, need_b), ctx.dtypes)
-    return dh, dw, None, db, None, None, None, None, None, None
-
 
 _STATE = _load_extension()
 if _STATE.loaded:
@@ -174,6 +141,11 @@ def _device_type(device: torch.device | str | None) -> str:
     if isinstance(device, torch.device):
         return device.type
     return torch.device(device).type
+
+
+def registered(op: str) -> bool:
+    """Whether the extension is loaded and registered a kernel of ``op`` for some device."""
+    return _STATE.loaded and bool(_STATE.kernels.get(op))
 
 
 def has_op(op: str, device: torch.device | str) -> bool:
