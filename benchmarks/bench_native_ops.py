@@ -1,4 +1,4 @@
-"""Benchmarks of the native (C++/OpenMP, CUDA) deviation kernels.
+"""Benchmarks of the deviation ops on the native (C++/OpenMP, CUDA) kernels.
 
     pytest benchmarks/bench_native_ops.py --benchmark-only
     FREEZEKERN_BENCH_BIG=1 pytest benchmarks/bench_native_ops.py --benchmark-only   # + N=16384, D=2048
@@ -8,8 +8,8 @@ basis as a model would hold them; the cosine also with fp32 h, and with
 RMSNorm and with LayerNorm + bias):
 
   logit lens   naive      materialised [N, V] fp32 logits + F.cross_entropy
-               reference  the chunked PyTorch reference (impl="torch")
-               native     torch.ops.freezekern.logit_lens_deviation
+               reference  impl="torch" (the linear cross-entropy's chunked PyTorch forward)
+               native     impl="native" (torch.ops.freezekern.linear_cross_entropy, loss only)
   cosine       reference  impl="torch" (gathers an [N, D] copy of the basis rows)
                native     torch.ops.freezekern.cosine_deviation
 
@@ -43,6 +43,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from freezekern import ops
 from freezekern.ops import native, reference, triton_deviation
 from freezekern.profiler.memory import PeakMemory
 
@@ -139,8 +140,8 @@ def _logit_lens_inputs(n, d, device):
 
 
 def _naive_logit_lens(h, weight, target, norm_weight):
-    x = reference.apply_norm(h, "rms", norm_weight, None, 1e-6)
-    logits = x @ weight.float().t()
+    x = reference.apply_norm(h, "rms", norm_weight, None, 1e-6).to(h.dtype)
+    logits = x.float() @ weight.float().t()
     return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
 
 
@@ -164,7 +165,7 @@ def _check_triton_interpreted(info: dict, op: str, run_triton, run_reference, ro
 
 
 def _needs_native(device: str) -> None:
-    if not native.has_op("logit_lens_deviation", device):
+    if not native.has_op("linear_cross_entropy", device):
         pytest.skip(f"native kernels unavailable on {device}: {native.unavailable_reason(device)}")
 
 
@@ -178,12 +179,11 @@ def test_logit_lens(benchmark, device, impl, n, d):
     if impl == "native":
         _needs_native(device)
     h, weight, target, nw = _logit_lens_inputs(n, d, device)
+    kw = dict(norm="rms", norm_weight=nw, ignore_index=IGNORE)
     fns = {
         "naive": lambda: _naive_logit_lens(h, weight, target, nw),
-        "reference": lambda: reference.logit_lens_deviation_reference(
-            h, weight, target, norm="rms", norm_weight=nw, ignore_index=IGNORE),
-        "native": lambda: native.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=nw,
-                                                      ignore_index=IGNORE),
+        "reference": lambda: ops.logit_lens_deviation(h, weight, target, impl="torch", **kw),
+        "native": lambda: ops.logit_lens_deviation(h, weight, target, impl="native", **kw),
     }
     fn = fns[impl]
     reps = 3 if device == "cpu" else 10
@@ -204,11 +204,10 @@ def test_logit_lens(benchmark, device, impl, n, d):
     benchmark.extra_info.update(info)
     benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=1 if device == "cpu" else 5, iterations=1)
     if impl == "native" and device == "cpu":
-        kw = dict(norm="rms", norm_weight=nw, ignore_index=IGNORE)
         _check_triton_interpreted(
             benchmark.extra_info, "logit_lens",
-            lambda r: triton_deviation.logit_lens_deviation(h[:r], weight, target[:r], **kw),
-            lambda r: reference.logit_lens_deviation_reference(h[:r], weight, target[:r], **kw),
+            lambda r: ops.logit_lens_deviation(h[:r], weight, target[:r], impl="triton", **kw),
+            lambda r: ops.logit_lens_deviation(h[:r], weight, target[:r], impl="torch", **kw),
             TRITON_ROWS["logit_lens"])
 
 

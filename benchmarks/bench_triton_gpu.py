@@ -9,7 +9,8 @@ copy's bytes/s (h read + written), per eager call; for the Triton kernel,
 "fraction_of_copy_bandwidth_graph" compares both replayed from CUDA graphs
 (GPU time only: single eager calls at these sizes are bound by launch cost).
 
-logit lens: the Triton kernel, the PyTorch reference (chunked fp32), and one
+logit lens: the Triton backend (the linear cross-entropy's forward kernel on
+the normed rows), the PyTorch reference (chunked fp32), and one
 bf16 torch.matmul [N, D] x [D, V] (which does form [N, V]: the throughput
 ceiling). extra_info["fraction_of_matmul"] is t_matmul / t_kernel, and
 extra_info["tflops"] counts 2*N*D*V per call.
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 triton = pytest.importorskip("triton")
 
+from freezekern import ops  # noqa: E402
 from freezekern.ops import reference, triton_deviation  # noqa: E402
 
 N_ROWS = [4096, 16384]
@@ -123,8 +125,8 @@ def _lens_inputs(n, d, v):
 @pytest.mark.parametrize("n", N_ROWS)
 def test_bench_logit_lens(benchmark, n, d, impl):
     h, w, weight, target = _lens_inputs(n, d, VOCAB)
-    kernel = lambda: triton_deviation.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=w)  # noqa: E731
-    ref = lambda: reference.logit_lens_deviation_reference(h, weight, target, norm="rms", norm_weight=w)  # noqa: E731
+    kernel = lambda: ops.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=w, impl="triton")  # noqa: E731
+    ref = lambda: ops.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=w, impl="torch")  # noqa: E731
     matmul = lambda: torch.matmul(h, weight.t())  # noqa: E731
     fn = {"triton": kernel, "torch": ref, "baseline": matmul}[impl]
     benchmark.group = f"logit lens N={n} D={d} V={VOCAB} bf16"

@@ -113,32 +113,4 @@ inline CosineInputs cosine_inputs(const at::Tensor& h_in, const at::Tensor& basi
   return in;
 }
 
-// logit_lens_deviation's arguments in kernel layouts: h [N, D], weight [V, D],
-// target [N] int64, bias [V] fp32 or undefined, the norm.
-struct LogitLensInputs {
-  at::Tensor h, weight, target, bias;
-  NormArgs norm;
-  int64_t n, d, vocab;
-};
-
-inline LogitLensInputs logit_lens_inputs(const at::Tensor& h_in, const at::Tensor& weight_in,
-                                         const at::Tensor& target_in, const std::optional<at::Tensor>& bias_in,
-                                         c10::string_view norm, const std::optional<at::Tensor>& norm_weight,
-                                         const std::optional<at::Tensor>& norm_bias, double norm_eps) {
-  LogitLensInputs in;
-  in.h = as_row_major(h_in, "h");
-  const at::Device dev = in.h.device();
-  check_same_device(weight_in, "weight", dev);
-  in.weight = as_row_major(weight_in, "weight");
-  in.n = in.h.size(0);
-  in.d = in.h.size(1);
-  in.vocab = in.weight.size(0);
-  TORCH_CHECK(in.weight.size(1) == in.d, "freezekern: weight must be [V, ", in.d, "], got shape ",
-              in.weight.sizes());
-  in.target = as_index_vector(target_in, in.n, "target", dev);
-  in.bias = as_f32_vector(bias_in, in.vocab, "bias", dev);
-  in.norm = make_norm_args(norm, norm_weight, norm_bias, norm_eps, in.d, dev);
-  return in;
-}
-
 }  // namespace freezekern

@@ -1,4 +1,4 @@
-// Plain C++ interface of the CUDA kernels in deviation_cuda.cu.
+// Plain C++ interface of the CUDA kernel in deviation_cuda.cu.
 //
 // Nothing here depends on torch: pointers, strides (in elements) and a
 // stream. deviation_cuda_wrapper.cpp adapts torch tensors to these calls.
@@ -44,43 +44,6 @@ struct CosineParams {
 };
 
 cudaError_t launch_cosine_deviation(const CosineParams& p, cudaStream_t stream);
-
-// out[i] = logsumexp_v(W n(h_i) + b) - (W[t_i] . n(h_i) + b[t_i]); 0 where
-// t_i == ignore_index; NaN where t_i is outside [0, vocab); -inf for counted
-// rows when vocab == 0.
-struct LogitLensParams {
-  const void* h;
-  int64_t h_row_stride;
-  DType h_dtype;
-  const void* weight;
-  int64_t weight_row_stride;
-  DType weight_dtype;
-  const float* bias;  // [vocab] fp32 or null
-  const int64_t* target;
-  int64_t ignore_index;
-  int64_t n_rows;
-  int64_t dim;
-  int64_t vocab;
-  NormSpec norm;
-  float* out;  // [n_rows] fp32
-  // Workspace, sizes from logit_lens_workspace():
-  float* x;             // [n_rows, x_ld] fp32: the normalised rows (zero padded)
-  float* target_logit;  // [n_rows]
-  float* partial;       // [2, n_splits, n_rows]: running max, then running sum
-  int64_t x_ld;
-  int n_splits;
-};
-
-struct LogitLensWorkspace {
-  int64_t x_ld;       // row stride of the normalised rows (dim rounded up)
-  int n_splits;       // vocabulary splits of the logsumexp kernel
-  int64_t n_floats;   // x + target_logit + partial, in floats
-};
-
-// Sizes the workspace for the current device (its multiprocessor count).
-LogitLensWorkspace logit_lens_workspace(int64_t n_rows, int64_t dim, int64_t vocab);
-
-cudaError_t launch_logit_lens_deviation(const LogitLensParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace freezekern

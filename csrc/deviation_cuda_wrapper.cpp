@@ -1,5 +1,5 @@
-// CUDA registration of the deviation ops: adapts torch tensors to the plain
-// launch functions of deviation_cuda.cu. Compiled only into CUDA builds
+// CUDA registration of the cosine deviation: adapts torch tensors to the plain
+// launch function of deviation_cuda.cu. Compiled only into CUDA builds
 // (setup.py defines FREEZEKERN_WITH_CUDA and adds the .cu sources); in a CPU
 // build this translation unit is empty.
 #ifdef FREEZEKERN_WITH_CUDA
@@ -69,54 +69,10 @@ at::Tensor cosine_deviation_cuda(const at::Tensor& h_in, const at::Tensor& basis
   return out;
 }
 
-at::Tensor logit_lens_deviation_cuda(const at::Tensor& h_in, const at::Tensor& weight_in, const at::Tensor& target_in,
-                                     const std::optional<at::Tensor>& bias_in, c10::string_view norm,
-                                     const std::optional<at::Tensor>& norm_weight,
-                                     const std::optional<at::Tensor>& norm_bias, double norm_eps,
-                                     int64_t ignore_index) {
-  TORCH_CHECK(h_in.is_cuda(), "freezekern: the CUDA kernel got h on ", h_in.device());
-  const c10::cuda::CUDAGuard guard(h_in.device());
-  const LogitLensInputs in = logit_lens_inputs(h_in, weight_in, target_in, bias_in, norm, norm_weight, norm_bias,
-                                               norm_eps);
-  const at::Tensor &h = in.h, &weight = in.weight, &target = in.target, &bias = in.bias;
-  const int64_t n = in.n, d = in.d, vocab = in.vocab;
-  const auto f32 = h.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({n}, f32);
-  if (n == 0) return out;
-
-  const cuda::LogitLensWorkspace ws = cuda::logit_lens_workspace(n, d, vocab);
-  at::Tensor workspace = at::empty({ws.n_floats}, f32);
-  float* base = workspace.data_ptr<float>();
-
-  cuda::LogitLensParams p;
-  p.h = h.data_ptr();
-  p.h_row_stride = h.stride(0);
-  p.h_dtype = cuda_dtype(h.scalar_type());
-  p.weight = weight.data_ptr();
-  p.weight_row_stride = weight.stride(0);
-  p.weight_dtype = cuda_dtype(weight.scalar_type());
-  p.bias = opt_ptr<float>(bias);
-  p.target = target.data_ptr<int64_t>();
-  p.ignore_index = ignore_index;
-  p.n_rows = n;
-  p.dim = d;
-  p.vocab = vocab;
-  p.norm = norm_spec(in.norm);
-  p.out = out.data_ptr<float>();
-  p.x = base;
-  p.x_ld = ws.x_ld;
-  p.target_logit = base + n * ws.x_ld;
-  p.partial = p.target_logit + n;
-  p.n_splits = ws.n_splits;
-  check_launch(cuda::launch_logit_lens_deviation(p, at::cuda::getCurrentCUDAStream()), "logit_lens_deviation");
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(freezekern, CUDA, m) {
   m.impl("cosine_deviation", &cosine_deviation_cuda);
-  m.impl("logit_lens_deviation", &logit_lens_deviation_cuda);
 }
 
 }  // namespace freezekern

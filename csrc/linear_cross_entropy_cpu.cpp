@@ -29,7 +29,7 @@
 //   dh += G W_c, dW_c (+)= G^T x, db_c += G^T 1, each only when asked.
 //
 // [N, V] is never allocated. Tuning (read at each call): FREEZEKERN_CPU_VOCAB_CHUNK,
-// FREEZEKERN_CPU_ROW_BLOCK (as the logit lens), FREEZEKERN_CPU_LCE_BUFFER.
+// FREEZEKERN_CPU_ROW_BLOCK, FREEZEKERN_CPU_LCE_BUFFER.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-"""One entry point per op; ``impl`` picks the backend.
+"""Which backend runs an op: ``impl`` ("auto" | "torch" | "triton" | "native") made concrete.
 
 impl="auto" picks per op, device and dtype, from ``AUTO_ORDER`` (the order
 measured fastest on an H100 and on the CPU, docs/benchmarks.md): on CUDA the
@@ -9,16 +9,18 @@ reference when nothing else is available, and always for fp64. "torch",
 "triton" and "native" force a backend; a forced backend that is unavailable
 raises, while "auto" falls back (with one warning for a broken extension,
 see ``native.py``). ``freezekern env`` prints the choice for each case.
+
+The logit lens has no kernels of its own: it runs the linear cross-entropy's
+kernels of the chosen backend (``deviation.py``), so its native availability
+is that of ``linear_cross_entropy``. The ops themselves are in
+``deviation.py`` and ``linear_cross_entropy.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
-
-from freezekern.ops import reference
 
 logger = logging.getLogger("freezekern.ops")
 
@@ -34,6 +36,8 @@ AUTO_ORDER = {
     ("linear_cross_entropy", "cuda", "16bit"): ("native", "triton", "torch"),
     ("linear_cross_entropy", "cuda", "fp32"): ("native", "torch"),
 }
+# op -> the op whose kernels run it, where they differ
+_KERNELS_OF = {"logit_lens_deviation": "linear_cross_entropy"}
 _logged_choice: set[tuple] = set()
 
 
@@ -46,7 +50,7 @@ def _triton_usable(device: torch.device) -> bool:
 def _native_usable(op: str, device: torch.device) -> bool:
     from freezekern.ops import native
 
-    return native.has_op(op, device)
+    return native.has_op(_KERNELS_OF.get(op, op), device)
 
 
 def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -63,7 +67,7 @@ def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | 
             from freezekern.ops import native
 
             raise RuntimeError(
-                f"impl='native' requested for {op} on {device.type}, but {native.unavailable_reason(device, op)}"
+                f"impl='native' requested for {op} on {device.type}, but {native.unavailable_reason(device, _KERNELS_OF.get(op, op))}"
             )
         return "native"
     if impl == "triton":
@@ -97,84 +101,3 @@ def auto_order(op: str, device: torch.device, dtype: torch.dtype | None) -> tupl
         return ("native", "torch")
     kind = "16bit" if dtype in _16BIT else "fp32"
     return AUTO_ORDER.get((op, "cuda", kind), ("native", "triton", "torch"))
-
-
-def cosine_deviation(
-    h: torch.Tensor,
-    basis: torch.Tensor,
-    target_row: torch.Tensor,
-    *,
-    norm: str | None = "rms",
-    norm_weight: torch.Tensor | None = None,
-    norm_bias: torch.Tensor | None = None,
-    norm_eps: float = 1e-6,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """1 - cos(n(h), basis[target_row]) per row; see ``reference`` for shapes.
-
-    h [N, D] fp32|bf16|fp16, basis [M, D], target_row [N] int64 (< 0 ignored)
-    -> [N] fp32, 0 on ignored rows.
-    """
-    _check_rows("cosine_deviation", h, target_row, "target_row")
-    if basis.dim() != 2 or basis.shape[1] != h.shape[1]:
-        raise ValueError(f"basis must be [M, {h.shape[1]}], got {tuple(basis.shape)}")
-    reference.check_norm_kind(norm)
-    kwargs = dict(norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
-    return kernel_for("cosine_deviation", impl, h.device, h.dtype)(h, basis, target_row, **kwargs)
-
-
-def logit_lens_deviation(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    norm: str | None = "rms",
-    norm_weight: torch.Tensor | None = None,
-    norm_bias: torch.Tensor | None = None,
-    norm_eps: float = 1e-6,
-    ignore_index: int = -100,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """Cross-entropy of reading h through the LM head; see ``reference``.
-
-    h [N, D] fp32|bf16|fp16, weight [V, D], target [N] int64 -> [N] fp32,
-    0 where target == ignore_index. Never allocates [N, V].
-    """
-    _check_rows("logit_lens_deviation", h, target, "target")
-    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
-        raise ValueError(f"weight must be [V, {h.shape[1]}], got {tuple(weight.shape)}")
-    reference.check_norm_kind(norm)
-    kwargs = dict(
-        bias=bias, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
-        norm_eps=norm_eps, ignore_index=ignore_index,
-    )
-    return kernel_for("logit_lens_deviation", impl, h.device, h.dtype)(h, weight, target, **kwargs)
-
-
-def kernel_for(op: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
-    """The backend function that ``impl`` resolves to for ``op`` on ``device``/``dtype``.
-
-    It takes the same arguments as the public op but skips the argument
-    checks; callers that run one op many times on inputs of one kind (the
-    tracer, 31 latent spaces per batch) resolve it once.
-    """
-    backend = resolve_impl(op, impl, device, dtype)
-    if backend == "triton":
-        from freezekern.ops import triton_deviation
-
-        return getattr(triton_deviation, op)
-    if backend == "native":
-        from freezekern.ops import native
-
-        return getattr(native, op)
-    return getattr(reference, f"{op}_reference")
-
-
-def _check_rows(op: str, h: torch.Tensor, index: torch.Tensor, name: str) -> None:
-    if h.dim() != 2:
-        raise ValueError(f"{op}: h must be [N, D], got shape {tuple(h.shape)}")
-    if not h.is_floating_point():
-        raise TypeError(f"{op}: h must be a floating tensor, got {h.dtype}")
-    if index.shape != (h.shape[0],):
-        raise ValueError(f"{op}: {name} must be [{h.shape[0]}], got {tuple(index.shape)}")

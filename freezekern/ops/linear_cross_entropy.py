@@ -41,7 +41,8 @@ through the same call raises (``retain_graph`` cannot be honoured for them).
 
 Backends (``impl``): "torch" (this file: chunked PyTorch, the ground truth of
 the kernels, usable on any device), "triton" (``triton_linear_cross_entropy``),
-"native" (``freezekern._C``: C++ CPU kernels and CUDA, see ``native.py``),
+"native" (``freezekern._C``: C++ CPU kernels and CUDA, see ``native.py``; its
+autograd formula is registered here, when this module is imported),
 "auto" (``dispatch.resolve_impl``). A naive materialising version lives only in
 the tests.
 """
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from freezekern.ops import dispatch
+from freezekern.ops import dispatch, native
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -93,8 +94,6 @@ def linear_cross_entropy(
     flags = (need_h and eager, need_w and eager, need_b and eager)
     with torch.autocast(h.device.type, enabled=False):  # fp32 accumulation whatever autocast would pick
         if backend == "native":
-            from freezekern.ops import native
-
             loss = native.linear_cross_entropy(h, weight, target, bias, softcap, ignore_index, reduce_sum, *flags)
         else:
             kernels = _torch_kernels() if backend == "torch" else _triton_kernels()
@@ -254,6 +253,38 @@ def _triton_kernels():
     from freezekern.ops import triton_linear_cross_entropy as tlce
 
     return (tlce.forward, tlce.backward)
+
+
+# -- autograd of the native op (torch.ops.freezekern.linear_cross_entropy) -------------------
+
+def _native_setup_context(ctx, inputs, output):
+    h, weight, target, bias, softcap, ignore_index, reduce_sum, grad_h, grad_weight, grad_bias = inputs
+    _, lse, gh, gw, gb = output
+    ctx.mark_non_differentiable(lse, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # else the backward gets a zero [V, D] "gradient" of grad_weight
+    ctx.config = (softcap, ignore_index, reduce_sum)
+    ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+    save_for_backward(ctx, h, weight, bias, target, lse, (grad_h, grad_weight, grad_bias), gh, gw, gb)
+
+
+def _native_backward(ctx, grad_loss, *unused):
+    softcap, ignore_index, reduce_sum = ctx.config
+    if grad_loss is None:  # the loss itself did not reach the output being differentiated
+        return (None,) * 10
+    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+    grads = eager_grads(ctx, grad_loss, reduce_sum, ignore_index)
+    if grads is None:
+        h, weight, bias, target, lse = ctx.saved_tensors
+        grad_rows = rows_gradient(grad_loss, reduce_sum, target, ignore_index)
+        grads = torch.ops.freezekern.linear_cross_entropy_backward.default(
+            h, weight, target, bias, lse, grad_rows, softcap, ignore_index, need_h, need_w, need_b)
+    dh, dw, db = cast_grads(grads, (need_h, need_w, need_b), ctx.dtypes)
+    return dh, dw, None, db, None, None, None, None, None, None
+
+
+# Once per process (a module is imported once), before any call can reach the native op.
+if native.registered(OP):
+    torch.library.register_autograd(f"freezekern::{OP}", _native_backward, setup_context=_native_setup_context)
 
 
 # -- the chunked PyTorch reference ------------------------------------------------------------

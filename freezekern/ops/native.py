@@ -1,25 +1,25 @@
 """Python face of the compiled extension ``freezekern._C``.
 
-The extension registers ``torch.ops.freezekern.cosine_deviation``,
-``torch.ops.freezekern.logit_lens_deviation`` and the fused loss
-``torch.ops.freezekern.linear_cross_entropy`` (with its recompute backward
-``linear_cross_entropy_backward``; schemas in ``csrc/ops.cpp``), with a CPU
-kernel (OpenMP + BLAS) and, when built against a CUDA torch, a CUDA kernel. This module loads it inside try/except and records why it is
+The extension registers ``torch.ops.freezekern.cosine_deviation`` and the
+fused loss ``torch.ops.freezekern.linear_cross_entropy`` with its recompute
+backward ``linear_cross_entropy_backward`` (the loss's per-row forward is
+also the logit lens, see ``deviation.py``; schemas in ``csrc/ops.cpp``), each
+with a CPU kernel (OpenMP + BLAS) and, when built against a CUDA torch, a
+CUDA kernel. This module loads it inside try/except and records why it is
 unavailable: not built (the package still works through the PyTorch
 reference) or broken (built against another torch, undefined symbol, ...),
 which is reported once with ``warnings.warn``. Set FREEZEKERN_DISABLE_NATIVE=1
 to ignore a built extension.
 
 It also registers the fake (meta) kernels so ``torch.compile`` can trace the
-ops (the deviation ops return an fp32 [N] tensor on h's device), and the
-autograd formula of ``linear_cross_entropy`` (``torch.library.register_autograd``):
-gradients computed by its forward are scaled by the incoming gradient,
-otherwise the backward op recomputes the logits.
+ops (the cosine returns an fp32 [N] tensor on h's device). The autograd
+formula of ``linear_cross_entropy`` is registered beside its Python face, in
+``linear_cross_entropy.py``; this module imports nothing else of the package.
 
-Shapes and dtypes are those of ``reference.py``: h [N, D] fp32|bf16|fp16 (any
-row stride; an inner stride != 1 is copied to contiguous by the kernel),
-basis [M, D], target_row [N] int64, weight [V, D], bias [V], target [N] int64
--> [N] fp32, 0 on ignored rows.
+Shapes and dtypes are those of ``reference.py`` and ``linear_cross_entropy.py``:
+h [N, D] fp32|bf16|fp16 (any row stride; an inner stride != 1 is copied to
+contiguous by the kernel), basis [M, D], target_row [N] int64 -> [N] fp32, 0
+on ignored rows; weight [V, D], bias [V], target [N] int64.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-OPS = ("cosine_deviation", "logit_lens_deviation", "linear_cross_entropy", "linear_cross_entropy_backward")
+OPS = ("cosine_deviation", "linear_cross_entropy", "linear_cross_entropy_backward")
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` while torch is importable"
 
 
@@ -100,10 +100,6 @@ def _register_fakes() -> None:
     def _cosine_fake(h, basis, target_row, norm, norm_weight, norm_bias, norm_eps):
         return h.new_empty((h.shape[0],), dtype=torch.float32)
 
-    @torch.library.register_fake("freezekern::logit_lens_deviation")
-    def _logit_lens_fake(h, weight, target, bias, norm, norm_weight, norm_bias, norm_eps, ignore_index):
-        return h.new_empty((h.shape[0],), dtype=torch.float32)
-
     if not _STATE.kernels.get("linear_cross_entropy"):
         return
 
@@ -130,38 +126,6 @@ def _register_fakes() -> None:
         return (f32(n, d) if need_h else f32(0), f32(vocab, d) if need_weight else f32(0),
                 f32(vocab) if need_bias else f32(0))
 
-    torch.library.register_autograd("freezekern::linear_cross_entropy", _lce_backward,
-                                    setup_context=_lce_setup_context)
-
-
-def _lce_setup_context(ctx, inputs, output):
-    from freezekern.ops.linear_cross_entropy import save_for_backward
-
-    h, weight, target, bias, softcap, ignore_index, reduce_sum, grad_h, grad_weight, grad_bias = inputs
-    _, lse, gh, gw, gb = output
-    ctx.mark_non_differentiable(lse, gh, gw, gb)
-    ctx.set_materialize_grads(False)  # else the backward gets a zero [V, D] "gradient" of grad_weight
-    ctx.config = (softcap, ignore_index, reduce_sum)
-    ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-    save_for_backward(ctx, h, weight, bias, target, lse, (grad_h, grad_weight, grad_bias), gh, gw, gb)
-
-
-def _lce_backward(ctx, grad_loss, *unused):
-    from freezekern.ops.linear_cross_entropy import cast_grads, eager_grads, rows_gradient
-
-    softcap, ignore_index, reduce_sum = ctx.config
-    if grad_loss is None:  # the loss itself did not reach the output being differentiated
-        return (None,) * 10
-    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-    grads = eager_grads(ctx, grad_loss, reduce_sum, ignore_index)
-    if grads is None:
-        h, weight, bias, target, lse = ctx.saved_tensors
-        grad_rows = rows_gradient(grad_loss, reduce_sum, target, ignore_index)
-        grads = torch.ops.freezekern.linear_cross_entropy_backward.default(
-            h, weight, target, bias, lse, grad_rows, softcap, ignore_index, need_h, need_w, need_b)
-    dh, dw, db = cast_grads(grads, (need_h, need_w, need_b), ctx.dtypes)
-    return dh, dw, None, db, None, None, None, None, None, None
-
 
 _STATE = _load_extension()
 if _STATE.loaded:
@@ -174,6 +138,11 @@ def _device_type(device: torch.device | str | None) -> str:
     if isinstance(device, torch.device):
         return device.type
     return torch.device(device).type
+
+
+def registered(op: str) -> bool:
+    """Whether the extension is loaded and registered a kernel of ``op`` for some device."""
+    return _STATE.loaded and bool(_STATE.kernels.get(op))
 
 
 def has_op(op: str, device: torch.device | str) -> bool:
@@ -206,8 +175,8 @@ def info() -> dict[str, object]:
         "loaded": _STATE.loaded,
         "broken": _STATE.broken,
         "reason": _STATE.reason or None,
-        "cpu": has_op("cosine_deviation", "cpu") and has_op("logit_lens_deviation", "cpu"),
-        "cuda": has_op("cosine_deviation", "cuda") and has_op("logit_lens_deviation", "cuda"),
+        "cpu": has_op("cosine_deviation", "cpu") and has_op("linear_cross_entropy", "cpu"),
+        "cuda": has_op("cosine_deviation", "cuda") and has_op("linear_cross_entropy", "cuda"),
     }
     module = _STATE.module
     if module is not None:
@@ -243,25 +212,6 @@ def cosine_deviation(
     _require("cosine_deviation", h.device)
     return torch.ops.freezekern.cosine_deviation.default(
         h, basis, target_row, _norm_name(norm), norm_weight, norm_bias, float(norm_eps)
-    )
-
-
-def logit_lens_deviation(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    norm: str | None = "rms",
-    norm_weight: torch.Tensor | None = None,
-    norm_bias: torch.Tensor | None = None,
-    norm_eps: float = 1e-6,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Cross-entropy through the LM head: h [N, D], weight [V, D], target [N] int64 -> [N] fp32."""
-    _require("logit_lens_deviation", h.device)
-    return torch.ops.freezekern.logit_lens_deviation.default(
-        h, weight, target, bias, _norm_name(norm), norm_weight, norm_bias, float(norm_eps), int(ignore_index)
     )
 
 

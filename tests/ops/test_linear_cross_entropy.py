@@ -214,6 +214,18 @@ def test_triton_small_shapes(dtype, n, d, v):
                reduction=reduction, seed=key)
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="Triton unusable here")
+def test_triton_forward_autotune_key_bins_the_row_count():
+    """A small first call (pruned to one untimed config) must not fix the forward's config for large calls
+    (the tracer calls it with a few rows and with thousands)."""
+    from freezekern.ops import triton_linear_cross_entropy as tlce
+
+    forward = tlce._kernels(False)[0]
+    assert {"D", "V", "N_BIN"} <= set(forward.keys)
+    bins = [tlce._n_bin(n) for n in (1, 3, 8, 200, 4096, 10**6)]
+    assert bins == sorted(bins) and len(set(bins)) == len(bins) and bins[-1] == 1 << 16
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_vocabulary(impl, dtype):

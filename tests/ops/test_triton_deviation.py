@@ -1,4 +1,6 @@
-"""Triton deviation kernels against the reference and an fp64 ground truth.
+"""The Triton cosine kernel against the reference and an fp64 ground truth; Triton dispatch.
+
+(The logit lens runs the Triton linear cross-entropy: tests/ops/test_logit_lens.py.)
 
 Without CUDA the kernels run on CPU under the Triton interpreter
 (TRITON_INTERPRET=1, set here when the environment has not set it); shapes
@@ -95,87 +97,6 @@ def _naive_cosine(h, basis, target_row, norm, w, b, eps, dtype):
     return out.double()
 
 
-def _naive_lens(h, weight, target, bias, norm, w, b, eps, ignore_index, dtype):
-    """Full [N, V] logits in ``dtype``: fine for test sizes only."""
-    x = _naive_norm(h, norm, w, b, eps, dtype)
-    logits = x @ weight.to(dtype).t()
-    if bias is not None:
-        logits = logits + bias.to(dtype)
-    counted = target != ignore_index
-    safe = torch.where(counted, target, torch.zeros_like(target))
-    ce = torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None])[:, 0]
-    return torch.where(counted, ce, torch.zeros_like(ce)).double()
-
-
-def _round_like_the_kernel(x64: torch.Tensor, mm: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x64 rounded to ``mm`` as the kernel's fp32 -> mm conversion does, and where that is ambiguous.
-
-    GPUs round to nearest even; the Triton interpreter truncates fp32 to
-    bf16 (its fp16 rounds to nearest). The boundaries are the midpoints
-    between neighbours (rounding) or the representable values themselves
-    (truncation); an element within 1e-6 (relative) of one may land either
-    way, since the kernel's fp32 value differs from fp64 by about that.
-    Returns (rounded [same shape], the gap a flip would move it, 0 where not ambiguous).
-    """
-    truncates = mm == torch.bfloat16 and DEVICE.type == "cpu"
-    x32 = x64.float()
-    if truncates:
-        x_mm = (x32.contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(mm)
-    else:
-        x_mm = x32.to(mm)
-    inf = torch.full_like(x_mm, float("inf"))
-    below = torch.where(x_mm.double() <= x64, x_mm, torch.nextafter(x_mm, -inf))
-    above = torch.nextafter(below, inf)
-    gap = (above.double() - below.double()).abs()
-    if truncates:
-        edge = torch.minimum((x64 - below.double()).abs(), (x64 - above.double()).abs())
-    else:
-        edge = (x64 - (below.double() + above.double()) / 2).abs()
-    return x_mm, torch.where(edge <= 1e-6 * x64.abs() + 1e-30, gap, torch.zeros_like(gap))
-
-
-def _rounded_lens(h, weight, target, bias, norm, w, b, eps, ignore_index):
-    """The logit lens as the kernel rounds it, in fp64, and how far a rounding flip could move each row.
-
-    The kernel normalises in fp32 and feeds the matmul the normalised rows in
-    the matmul dtype (bf16/fp16 when h and the weight share it, else fp32);
-    here the rows are normalised in fp64 and converted the same way.
-    ``slack`` [N] bounds what elements at a rounding boundary can change (the
-    gap times the largest weight in their column, twice for lse - target).
-    """
-    low = (torch.bfloat16, torch.float16)
-    mm = h.dtype if h.dtype in low and weight.dtype == h.dtype else torch.float32
-    x64 = _naive_norm(h, norm, w, b, eps, torch.float64)
-    if norm is None and h.dtype == mm:  # the kernel reads h as it is: nothing is converted
-        x_mm, slack = h, torch.zeros(x64.shape[0], dtype=torch.float64)
-    elif mm in low:
-        x_mm, flip = _round_like_the_kernel(x64, mm)
-        col_max = weight.double().abs().amax(0) if weight.shape[0] else torch.zeros(weight.shape[1])
-        slack = 2 * (flip * col_max[None, :]).sum(-1)
-    else:
-        x_mm, slack = x64.float(), torch.zeros(x64.shape[0], dtype=torch.float64)
-    logits = x_mm.double() @ weight.to(mm).double().t()
-    if bias is not None:
-        logits = logits + bias.float().double()
-    counted = target != ignore_index
-    safe = torch.where(counted, target, torch.zeros_like(target))
-    ce = torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None])[:, 0]
-    scale = logits.abs().amax(-1) if logits.shape[-1] else torch.zeros(logits.shape[0], dtype=torch.float64)
-    return torch.where(counted, ce, torch.zeros_like(ce)), slack, scale
-
-
-def _assert_lens(out, expected, slack, scale, atol=1e-4):
-    """Within fp32 accumulation error of the kernel-rounded fp64 result (plus any rounding-flip slack)."""
-    assert out.dtype == torch.float32 and out.shape == expected.shape
-    assert torch.isfinite(out).all()
-    if out.numel() == 0:
-        return
-    bound = atol + 2e-6 * scale + slack  # fp32 sums over D and V of logits of size ``scale``
-    err = (out.double() - expected).abs()
-    worst = int((err - bound).argmax())
-    assert (err <= bound).all(), f"row {worst}: error {err[worst]:.3g} > bound {bound[worst]:.3g}"
-
-
 def _assert_cosine(out, gt, ref32):
     """The kernel upcasts every input to fp32 like the reference: both within 1e-5 of fp64."""
     assert out.dtype == torch.float32 and out.shape == gt.shape
@@ -258,59 +179,6 @@ def test_cosine_index_out_of_range_is_nan():
     assert torch.isfinite(out[0]) and torch.isnan(out[1]) and out[2] == 0
 
 
-# --------------------------------------------------------------------------
-# logit lens
-# --------------------------------------------------------------------------
-# (N, D, V, layout, bias, ignored rows present, vocab splits)
-LENS_CASES = [
-    (0, 64, 127, "contig", True, True, None),
-    (1, 59, 1, "strided", True, False, None),
-    (37, 59, 127, "transposed", True, True, None),
-    (130, 64, 1000, "contig", False, True, 3),
-    (37, 576, 300, "strided", True, False, None),
-]
-
-
-def _check_lens(
-    dtype, norm, n, d, v, layout, with_bias, ignore, splits=None, *, seed=0, weight_scale=1.0,
-    weight_dtype=None, ignore_index=-100, all_ignored=False, atol=1e-4, **kw,
-):
-    g = _gen(seed)
-    h = _make_h(n, d, dtype, layout, g)
-    w, b = _norm_params(d, norm, dtype, g)
-    weight = (weight_scale * torch.randn(v, d, generator=g)).to(weight_dtype or dtype).to(DEVICE)
-    bias = torch.randn(v, generator=g).to(weight_dtype or dtype).to(DEVICE) if with_bias else None
-    target = torch.randint(0, v, (n,), generator=g)
-    if ignore:
-        target[torch.rand(n, generator=g) < 0.3] = ignore_index
-    if all_ignored:
-        target[:] = ignore_index
-    target = target.to(DEVICE)
-    eps = 1e-5
-    common = dict(bias=bias, norm=norm, norm_weight=w, norm_bias=b, norm_eps=eps, ignore_index=ignore_index)
-    out = triton_deviation.logit_lens_deviation(h, weight, target, _vocab_splits=splits, **common, **kw)
-    expected, slack, scale = _rounded_lens(h, weight, target, bias, norm, w, b, eps, ignore_index)
-    _assert_lens(out, expected, slack, scale, atol=atol)
-    if n:
-        assert (out[target == ignore_index] == 0).all()
-    return out
-
-
-@pytest.mark.parametrize("case", LENS_CASES, ids=lambda c: f"N{c[0]}-D{c[1]}-V{c[2]}-{c[3]}")
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_logit_lens_matches_reference(dtype, norm, case):
-    _check_lens(dtype, norm, *case)
-
-
-def test_autotune_key_bins_the_row_count():
-    """A small first call (pruned to one untimed config) must not fix the config for large calls."""
-    lens = triton_deviation._kernels(False)[1]
-    assert {"D", "V", "N_BIN"} <= set(lens.keys)
-    bins = [triton_deviation._n_bin(n) for n in (1, 3, 8, 200, 4096, 10**6)]
-    assert bins == sorted(bins) and len(set(bins)) == len(bins) and bins[-1] == 1 << 16
-
-
 def test_dot_precision_per_gpu(monkeypatch):
     """fp32: 3xTF32 on NVIDIA sm_80+, IEEE before and on ROCm; bf16/fp16 never ask ROCm for TF32."""
     cached = triton_deviation._cuda_dot_precision
@@ -323,61 +191,6 @@ def test_dot_precision_per_gpu(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.4")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert triton_deviation._dot_precision(torch.device("cuda", 0), dtype) == "ieee"
-
-
-@pytest.mark.parametrize(("dtype", "norm"), [(torch.bfloat16, "layer"), (torch.float32, "rms")], ids=str)
-def test_logit_lens_gpt2_vocabulary(dtype, norm):
-    """V = 50257: hundreds of vocabulary tiles and a ragged last one (few rows: the interpreter is slow)."""
-    _check_lens(dtype, norm, 3, 59, 50257, "strided", True, True)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_logit_lens_large_logits(dtype):
-    """Weights x100: logits in the thousands; the online logsumexp must not overflow.
-
-    lse - target cancels two numbers of ~4e3: the bound grows with the logits' size (fp32 sums).
-    """
-    out = _check_lens(dtype, "rms", 37, 64, 300, "contig", True, True, 2, seed=5, weight_scale=100.0)
-    assert out.abs().max() > 50
-
-
-@pytest.mark.parametrize("splits", [1, 2, 4])
-def test_logit_lens_vocab_splits(splits):
-    _check_lens(torch.bfloat16, "rms", 37, 59, 1000, "transposed", True, True, splits, seed=6)
-
-
-@pytest.mark.parametrize("v", [1, 20, 64, 65])
-def test_logit_lens_vocab_vs_tile(v):
-    """V below one tile, exactly one tile, one past a tile."""
-    _check_lens(torch.float32, "layer", 37, 59, v, "strided", True, True, seed=7)
-
-
-def test_logit_lens_all_ignored():
-    out = _check_lens(torch.bfloat16, "rms", 37, 59, 127, "contig", True, True, all_ignored=True)
-    assert (out == 0).all()
-
-
-def test_logit_lens_custom_ignore_index():
-    _check_lens(torch.float32, None, 37, 59, 127, "contig", False, True, seed=8, ignore_index=0)
-
-
-def test_logit_lens_looped_over_d():
-    _check_lens(torch.bfloat16, "layer", 37, 59, 127, "strided", True, True, seed=9, _max_block_d=16)
-    _check_lens(torch.float32, "rms", 37, 59, 127, "transposed", True, True, seed=9, _max_block_d=16)
-
-
-@pytest.mark.parametrize(("h_dtype", "w_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
-def test_logit_lens_mixed_dtypes(h_dtype, w_dtype):
-    """Mixed inputs take the fp32 matmul path."""
-    _check_lens(h_dtype, "rms", 37, 59, 127, "contig", True, True, seed=10, weight_dtype=w_dtype)
-
-
-def test_logit_lens_target_out_of_range_is_nan():
-    g = _gen(11)
-    h = _make_h(3, 16, torch.float32, "contig", g)
-    weight = torch.randn(5, 16, generator=g).to(DEVICE)
-    out = triton_deviation.logit_lens_deviation(h, weight, torch.tensor([1, 5, -100], device=DEVICE))
-    assert torch.isfinite(out[0]) and torch.isnan(out[1]) and out[2] == 0
 
 
 # --------------------------------------------------------------------------
@@ -430,40 +243,6 @@ def test_gpu_cosine_realistic(d, norm):
     out = triton_deviation.cosine_deviation(h, basis, tr, norm=norm, norm_weight=w, norm_bias=b)
     gt = _naive_cosine(h, basis, tr, norm, w, b, 1e-6, torch.float64)
     _assert_cosine(out, gt, None)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize(("d", "v"), [(576, 49152), (2048, 50257), (4096, 50257)])
-def test_gpu_logit_lens_realistic(d, v):
-    g = _gen(21)
-    n = 4096
-    h = _make_h(n, d, torch.bfloat16, "contig", g, scale=3.0)
-    w, b = _norm_params(d, "rms", torch.bfloat16, g, with_bias=False)
-    weight = (torch.randn(v, d, generator=g) / d**0.5 * 4).to(torch.bfloat16).to(DEVICE)
-    target = torch.randint(0, v, (n,), generator=g)
-    target[torch.rand(n, generator=g) < 0.1] = -100
-    target = target.to(DEVICE)
-    out = triton_deviation.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=w)
-    expected, slack, scale = _rounded_lens(h.cpu(), weight.cpu(), target.cpu(), None, "rms", w.cpu(), None, 1e-6,
-                                           -100)
-    _assert_lens(out.cpu(), expected, slack, scale)
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_logit_lens_fp32_no_tf32():
-    g = _gen(22)
-    n, d, v = 1024, 2048, 32000
-    h = _make_h(n, d, torch.float32, "strided", g)
-    w, b = _norm_params(d, "layer", torch.float32, g)
-    weight = (torch.randn(v, d, generator=g) / d**0.5 * 4).to(DEVICE)
-    bias = torch.randn(v, generator=g).to(DEVICE)
-    target = torch.randint(0, v, (n,), generator=g).to(DEVICE)
-    common = dict(bias=bias, norm="layer", norm_weight=w, norm_bias=b)
-    out = triton_deviation.logit_lens_deviation(h, weight, target, **common)
-    ref = reference.logit_lens_deviation_reference(h, weight, target, **common)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_chooses_per_op_device_and_dtype(monkeypatch):

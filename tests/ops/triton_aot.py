@@ -5,12 +5,12 @@ replaces triton.language's functions at import):
 
     python tests/ops/triton_aot.py ARCH [ARCH ...]        # e.g. 80 90
 
-For each kernel variant below (norm kind, dtypes, single/looped D, each
-autotune config of the logit-lens kernel and of the fused linear
-cross-entropy's forward and backward kernels; not every combination of the
-optional norm weight and biases) it prints
-one JSON line: the case, and the tensor-core instructions found in the PTX
-(``mma``/``wgmma``), or the compile error.
+For each kernel variant below (the cosine's norm kinds, dtypes, single/looped
+D; each autotune config of the fused linear cross-entropy's forward, which is
+also the logit lens, and backward kernels; not every combination of the
+optional norm weight and biases) it prints one JSON line: the case, and the
+tensor-core instructions found in the PTX (``mma``/``wgmma``), or the compile
+error.
 """
 
 from __future__ import annotations
@@ -32,57 +32,34 @@ PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
 
 def _row_cases():
-    for lens in (False, True):
-        for h in ("fp32", "bf16", "fp16"):
-            for single, block_d in ((True, 1024), (False, 256)):
-                for norm, has_nb in ((0, False), (1, False), (2, True)):
-                    mm = h if (lens and h != "fp32") else "fp32"
-                    yield {
-                        "kernel": "row", "lens": lens, "h": h, "single": single, "norm": norm, "has_nb": has_nb,
-                        "constexprs": dict(NORM=norm, HAS_NW=True, HAS_NB=has_nb, HAS_GB=lens, LENS=lens,
-                                           WRITE_X=lens, SINGLE=single, BLOCK_N=4, BLOCK_D=block_d),
-                        "signature": {
-                            "h_ptr": PTR[h], "stride_hn": "i32", "stride_hd": "i32", "nw_ptr": "*fp32",
-                            "nb_ptr": "*fp32", "g_ptr": PTR[h] if lens else "*fp32", "stride_gm": "i32",
-                            "stride_gd": "i32", "M": "i32", "gb_ptr": "*fp32", "idx_ptr": "*i64",
-                            "out_ptr": "*fp32", "x_ptr": PTR[mm], "stride_xn": "i32", "N": "i32", "D": "i32",
-                            "eps": "fp32", "ignore_index": "i32",
-                        },
-                        "num_warps": 4,
-                    }
-
-
-def _lens_cases():
-    # (x dtype, weight dtype, precision) as the launcher picks them.
-    # What NVIDIA sm_80+ gets: "tf32x3" for fp32, "tf32" for bf16/fp16.
-    fp32, low = (td._dot_precision(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16))
-    kinds = [("fp32", "fp32", fp32), ("fp32", "bf16", fp32), ("bf16", "bf16", low), ("fp16", "fp16", low)]
-    configs = td._lens_configs(False)
-    for index, config in enumerate(configs):
-        # The first config also in single-pass TF32, to count its tensor-core instructions against.
-        for x, w, precision in kinds + ([("fp32", "fp32", "tf32")] if index == 0 else []):
-            yield {
-                "kernel": "lens", "x": x, "w": w, "precision": precision, **config.kwargs,
-                "constexprs": dict(HAS_BIAS=True, DOT_PRECISION=precision, DOT_FP32=False, **config.kwargs),
-                "signature": {
-                    "x_ptr": PTR[x], "stride_xn": "i32", "stride_xd": "i32", "w_ptr": PTR[w], "stride_wv": "i32",
-                    "stride_wd": "i32", "b_ptr": "*fp32", "t_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                    "N": "i32", "D": "i32", "V": "i32", "V_PER_SPLIT": "i32", "ignore_index": "i32", "N_BIN": "i32",
-                },
-                "num_warps": config.num_warps, "num_stages": config.num_stages,
-            }
+    for h in ("fp32", "bf16", "fp16"):
+        for single, block_d in ((True, 1024), (False, 256)):
+            for norm, has_nb in ((0, False), (1, False), (2, True)):
+                yield {
+                    "kernel": "row", "h": h, "single": single, "norm": norm, "has_nb": has_nb,
+                    "constexprs": dict(NORM=norm, HAS_NW=True, HAS_NB=has_nb, SINGLE=single, BLOCK_N=4,
+                                       BLOCK_D=block_d),
+                    "signature": {
+                        "h_ptr": PTR[h], "stride_hn": "i32", "stride_hd": "i32", "nw_ptr": "*fp32",
+                        "nb_ptr": "*fp32", "g_ptr": "*fp32", "stride_gm": "i32", "stride_gd": "i32", "M": "i32",
+                        "idx_ptr": "*i64", "out_ptr": "*fp32", "N": "i32", "D": "i32", "eps": "fp32",
+                    },
+                    "num_warps": 4,
+                }
 
 
 def _lce_cases():
     """The fused linear cross-entropy's kernels: the first config with each dtype pairing, soft-capped or
-    not, dW asked or not; the other autotune configs in bf16 (kept few: each variant costs seconds)."""
+    not, dW asked or not; the forward's first config also in single-pass TF32 (to count its tensor-core
+    instructions against); the other autotune configs in bf16 (kept few: each variant costs seconds)."""
     fp32, low = (td._dot_precision(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16))
     kinds = [("fp32", "fp32", fp32), ("fp32", "bf16", fp32), ("bf16", "bf16", low), ("fp16", "fp16", low)]
     common = {"x_ptr": None, "stride_xn": "i32", "stride_xd": "i32", "w_ptr": None, "stride_wv": "i32",
               "stride_wd": "i32", "b_ptr": "*fp32", "t_ptr": "*i64"}
     for kernel, shapes in (("lce_forward", tlce._FORWARD_SHAPES), ("lce_backward", tlce._BACKWARD_SHAPES)):
         for index, config in enumerate(tlce._configs(False, shapes)):
-            for x, w, precision in kinds if index == 0 else kinds[2:3]:
+            extra = [("fp32", "fp32", "tf32")] if index == 0 and kernel == "lce_forward" else []
+            for x, w, precision in (kinds + extra) if index == 0 else kinds[2:3]:
                 for cap, need_w in ((False, True), (True, False)) if index == 0 else ((True, True),):
                     signature = dict(common, x_ptr=PTR[x], w_ptr=PTR[w])
                     constexprs = dict(HAS_BIAS=True, HAS_CAP=cap, DOT_PRECISION=precision, DOT_FP32=False,
@@ -90,7 +67,7 @@ def _lce_cases():
                     if kernel == "lce_forward":
                         signature.update({"m_ptr": "*fp32", "s_ptr": "*fp32", "z_ptr": "*fp32", "N": "i32",
                                           "D": "i32", "V": "i32", "V_PER_SPLIT": "i32", "ignore_index": "i32",
-                                          "softcap": "fp32"})
+                                          "softcap": "fp32", "N_BIN": "i32"})
                     else:
                         signature.update({"lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": "*fp32",
                                           "db_ptr": "*fp32", "N": "i32", "D": "i32", "V": "i32",
@@ -101,8 +78,7 @@ def _lce_cases():
                            "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-KERNELS = {"row": td._row_kernel, "lens": td._lens_lse_kernel, "lce_forward": tlce._forward_kernel,
-           "lce_backward": tlce._backward_kernel}
+KERNELS = {"row": td._row_kernel, "lce_forward": tlce._forward_kernel, "lce_backward": tlce._backward_kernel}
 
 
 def compile_case(case: dict, arch: int) -> dict:
@@ -126,7 +102,7 @@ def compile_case(case: dict, arch: int) -> dict:
 
 def main(argv: list[str]) -> int:
     for arch in (int(a) for a in argv):
-        for case in (*_row_cases(), *_lens_cases(), *_lce_cases()):
+        for case in (*_row_cases(), *_lce_cases()):
             print(json.dumps(compile_case(case, arch)), flush=True)
     return 0
 
