@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import time
 
 import pytest
 import torch
@@ -49,6 +48,7 @@ from freezekern.cut.fused_loss import fused_loss
 from freezekern.model.training import enable_checkpointing
 from freezekern.ops import linear_cross_entropy
 from freezekern.profiler.memory import PeakMemory, release_memory
+from freezekern.profiler.timing import paired_times
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,19 +66,7 @@ def _paired(first, second, rounds, out=None):
 
     ``out`` (a dict) also receives the sorted per-round ratios under "paired".
     """
-    times = {0: [], 1: []}
-    for r in range(rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for side in order:
-            fn = (first, second)[side]
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-            times[side].append(time.perf_counter() - start)
-    ratios = sorted(a / b for a, b in zip(times[0], times[1]))
+    ratios, times = paired_times(first, second, rounds, DEVICE)
     if out is not None:
         out["paired"] = ratios
     return statistics.median(ratios), times

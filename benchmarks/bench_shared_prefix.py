@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import time
 import warnings
 
 import pytest
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from freezekern import discover, tiny_model
 from freezekern.cut import apply, trainable_parameters
 from freezekern.cut.shared_prefix import SharedPrefix
+from freezekern.profiler.timing import paired_times
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 trl_utils = pytest.importorskip("trl.trainer.utils")
@@ -148,22 +148,16 @@ def test_paired_dpo_step(benchmark, setup, logps):
     """DPO steps with and without the shared prefix, alternately (ABBA); extra_info has the paired ratio."""
     benchmark.group = f"dpo_shared_prefix[{setup.name}]"
     steppers = {"unshared": _stepper(setup, False, logps), "shared": _stepper(setup, True, logps)}
-    times = {name: [] for name in steppers}
-    flip = [False]
+    paired_times(steppers["shared"][0], steppers["unshared"][0], 1, DEVICE)  # warm-up round, not counted
+    measured = {}
 
     def both():
-        order = ("shared", "unshared") if not flip[0] else ("unshared", "shared")
-        flip[0] = not flip[0]
-        for name in order:
-            start = time.perf_counter()
-            steppers[name][0]()
-            times[name].append(time.perf_counter() - start)
+        measured["ratios"], measured["times"] = paired_times(steppers["shared"][0], steppers["unshared"][0],
+                                                             max(setup.rounds, 2), DEVICE)
 
-    both()  # warm-up round, not counted
-    for name in times:
-        times[name].clear()
-    benchmark.pedantic(both, rounds=max(setup.rounds, 2), iterations=1)
-    ratios = sorted(a / b for a, b in zip(times["shared"], times["unshared"]))
+    benchmark.pedantic(both, rounds=1, iterations=1)
+    ratios = measured["ratios"]
+    times = {"shared": measured["times"][0], "unshared": measured["times"][1]}
     source = steppers["shared"][1]
     info = {"config": setup.name, "logps": logps, "device": str(DEVICE), "boundary": setup.boundary,
             "num_layers": setup.num_layers, "threads": torch.get_num_threads(),

@@ -41,7 +41,6 @@ import copy
 import json
 import os
 import statistics
-import time
 import warnings
 
 import pytest
@@ -54,6 +53,7 @@ from freezekern.policy.cost import StepSetup, flop_costs, full_finetuning, step_
 from freezekern.policy.rules import plan as make_plan
 from freezekern.profiler.memory import PeakMemory, release_memory
 from freezekern.profiler.part_costs import measure_part_costs
+from freezekern.profiler.timing import paired_times
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -301,23 +301,17 @@ def test_paired_ratio(benchmark, setup, pair):
     num, den, target = PAIRS[pair]
     benchmark.group = f"paired[{setup.name}]"
     steppers = {name: _stepper(setup, name)[0] for name in (num, den)}
-    times = {num: [], den: []}
-    flip = [False]
+    if setup.warmup:  # warm-up rounds, not counted
+        paired_times(steppers[num], steppers[den], setup.warmup, DEVICE)
+    measured = {}
 
     def both():
-        order = (num, den) if not flip[0] else (den, num)
-        flip[0] = not flip[0]
-        for name in order:
-            start = time.perf_counter()
-            steppers[name]()
-            times[name].append(time.perf_counter() - start)
+        measured["ratios"], measured["times"] = paired_times(steppers[num], steppers[den], max(setup.rounds, 4),
+                                                             DEVICE)
 
-    for _ in range(setup.warmup):
-        both()
-    times[num].clear()
-    times[den].clear()
-    benchmark.pedantic(both, rounds=max(setup.rounds, 4), iterations=1)
-    ratios = sorted(a / b for a, b in zip(times[num], times[den]))
+    benchmark.pedantic(both, rounds=1, iterations=1)
+    ratios = measured["ratios"]
+    times = {num: measured["times"][0], den: measured["times"][1]}
     median = statistics.median(ratios)
     info = {"config": setup.name, "pair": pair, "boundary": setup.boundary, "device": str(DEVICE),
             "paired_ratio_median": median, "paired_ratios": ratios, "target": target,
