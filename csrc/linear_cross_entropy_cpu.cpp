@@ -260,7 +260,8 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "freezekern: the CPU kernel got ", name, " on ", t.device());
 }
 
-// The counted rows: their indices in h, their targets, and x = h[rows] as fp32 [Nc, D].
+// The counted rows: their indices in h, their targets, and x = h[rows] as fp32 [Nc, D] (h itself when
+// that is all of it already).
 struct Counted {
   at::Tensor rows;  // int64 [Nc]
   std::vector<int64_t> target;
@@ -284,7 +285,9 @@ Counted counted_rows(const LceInputs& in) {
   c.n = static_cast<int64_t>(rows.size());
   c.rows = c.n > 0 ? at::from_blob(rows.data(), {c.n}, at::TensorOptions().dtype(at::kLong)).clone()
                    : at::empty({0}, at::TensorOptions().dtype(at::kLong));
-  c.x = in.h.index_select(0, c.rows).to(at::kFloat).contiguous();
+  // Every row counted and already fp32 and contiguous: x is h itself (read only), no [N, D] copy.
+  const bool as_is = c.n == in.n && in.h.scalar_type() == at::kFloat && in.h.is_contiguous();
+  c.x = as_is ? in.h : in.h.index_select(0, c.rows).to(at::kFloat).contiguous();
   return c;
 }
 
