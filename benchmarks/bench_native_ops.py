@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from freezekern import ops
-from freezekern.ops import native, reference, triton_deviation
+from freezekern.ops import native, reference, triton_common, triton_deviation
 from freezekern.profiler.memory import PeakMemory
 
 BIG = os.environ.get("FREEZEKERN_BENCH_BIG") == "1"
@@ -155,7 +155,7 @@ TRITON_ATOL = {"logit_lens": 5e-2, "cosine": 1e-4}
 
 def _check_triton_interpreted(info: dict, op: str, run_triton, run_reference, rows: int) -> None:
     """Run the Triton kernel (interpreted) on the first rows; record and bound its error. Never timed."""
-    if not triton_deviation.available("cpu"):
+    if not triton_common.available("cpu"):
         return
     got, ref = run_triton(rows), run_reference(rows)
     err = (got - ref).abs().max().item() if got.numel() else 0.0

@@ -21,7 +21,7 @@ from conftest import FULL
 import freezekern as fk
 from freezekern.analysis.semantic import SemanticBasis
 from freezekern.analysis.trace import shifted_targets
-from freezekern.ops import native, triton_deviation
+from freezekern.ops import native, triton_common
 from freezekern.profiler.memory import PeakMemory
 
 
@@ -93,7 +93,7 @@ def impls(device):
     found = ["torch"]
     if native.has_op("cosine_deviation", device):
         found.append("native")
-    if device.type == "cuda" and triton_deviation.available(device):
+    if device.type == "cuda" and triton_common.available(device):
         found.append("triton")
     return found
 

@@ -64,8 +64,28 @@ FK_INLINE float slope_of_z(float z, const Cap& cap) {
 
 // ---------------------------------------------------------------- passes over one row of logits
 
-// z = cap(l + b) in place over [0, n); returns max z.
+// max_j l[j], read only: two accumulators hide the compare latency.
+FK_INLINE float row_max(const float* l, int64_t n) {
+  v16f m0 = vsplat(kNegInf), m1 = m0;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const v16f a = vload(l + j), b = vload(l + j + 16);
+    m0 = a > m0 ? a : m0;
+    m1 = b > m1 ? b : m1;
+  }
+  for (; j + 16 <= n; j += 16) {
+    const v16f a = vload(l + j);
+    m0 = a > m0 ? a : m0;
+  }
+  float m = hmax(m1 > m0 ? m1 : m0);
+  for (; j < n; ++j) m = l[j] > m ? l[j] : m;
+  return m;
+}
+
+// z = cap(l + b) in place over [0, n); returns max z. Without bias and cap z = l: nothing is stored
+// (the loss-only forward, e.g. the logit lens of a head without bias, reads its logits twice, writes none).
 FK_INLINE float transform_max(float* l, const float* b, int64_t n, const Cap& cap) {
+  if (!b && !cap.on) return row_max(l, n);
   const v16f vc = vsplat(cap.c), vi = vsplat(cap.inv);
   v16f m0 = vsplat(kNegInf);
   int64_t j = 0;
@@ -240,7 +260,8 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "freezekern: the CPU kernel got ", name, " on ", t.device());
 }
 
-// The counted rows: their indices in h, their targets, and x = h[rows] as fp32 [Nc, D].
+// The counted rows: their indices in h, their targets, and x = h[rows] as fp32 [Nc, D] (h itself when
+// that is all of it already).
 struct Counted {
   at::Tensor rows;  // int64 [Nc]
   std::vector<int64_t> target;
@@ -264,7 +285,9 @@ Counted counted_rows(const LceInputs& in) {
   c.n = static_cast<int64_t>(rows.size());
   c.rows = c.n > 0 ? at::from_blob(rows.data(), {c.n}, at::TensorOptions().dtype(at::kLong)).clone()
                    : at::empty({0}, at::TensorOptions().dtype(at::kLong));
-  c.x = in.h.index_select(0, c.rows).to(at::kFloat).contiguous();
+  // Every row counted and already fp32 and contiguous: x is h itself (read only), no [N, D] copy.
+  const bool as_is = c.n == in.n && in.h.scalar_type() == at::kFloat && in.h.is_contiguous();
+  c.x = as_is ? in.h : in.h.index_select(0, c.rows).to(at::kFloat).contiguous();
   return c;
 }
 

@@ -42,9 +42,9 @@ _logged_choice: set[tuple] = set()
 
 
 def _triton_usable(device: torch.device) -> bool:
-    from freezekern.ops import triton_deviation
+    from freezekern.ops import triton_common
 
-    return triton_deviation.available(device)  # the same condition holds for every Triton op
+    return triton_common.available(device)  # the same condition holds for every Triton op
 
 
 def _native_usable(op: str, device: torch.device) -> bool:

@@ -21,90 +21,23 @@ allocated.
 The logit lens has no Triton kernel of its own: it runs the linear
 cross-entropy's (``triton_linear_cross_entropy``, through ``deviation.py``).
 
-Triton runs on CUDA tensors, and on CPU tensors under the interpreter
-(TRITON_INTERPRET=1 in the environment before triton is first imported).
-Importing this module without triton installed works; ``available`` is then
-False and dispatch falls back.
+Where Triton runs, and what happens without it: ``triton_common``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from freezekern.ops import reference
-
-try:  # triton is optional: the package imports and falls back without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from freezekern.ops.triton_common import check_launch, tl, triton
 
 _NORM_CODES = {None: 0, "rms": 1, "layer": 2}
 # Largest D block held in registers by the row kernel; larger D loops.
 _MAX_BLOCK_D = 8192
 # Elements of h one row-kernel program holds at once (BLOCK_N * BLOCK_D).
 _ROW_TILE_ELEMS = 4096
-
-
-def _dot_precision(device: torch.device, mm_dtype: torch.dtype) -> str:
-    """tl.dot input precision for the logit-lens matmul of ``mm_dtype`` operands on ``device``.
-
-    fp32 on NVIDIA Ampere and newer: "tf32x3", three TF32 tensor-core
-    products (the operands split into high and low TF32 parts), accurate to
-    about fp32; on older GPUs and ROCm (whose Triton has no tf32x3): "ieee",
-    on the FMA units. bf16/fp16 operands enter the tensor cores as they are
-    whatever the flag says: "tf32" on NVIDIA, "ieee" on ROCm, whose Triton
-    accepts "tf32" only on some GPUs. The interpreter accepts any of them and
-    computes in fp32.
-    """
-    fp32 = mm_dtype == torch.float32
-    if device.type != "cuda":
-        return "tf32x3" if fp32 else "tf32"
-    return _cuda_dot_precision(device.index if device.index is not None else torch.cuda.current_device(), fp32)
-
-
-@functools.cache
-def _cuda_dot_precision(index: int, fp32: bool) -> str:
-    if torch.version.hip is not None:
-        return "ieee"
-    if not fp32:
-        return "tf32"
-    return "tf32x3" if torch.cuda.get_device_capability(index)[0] >= 8 else "ieee"
-
-
-@functools.cache
-def _interpret() -> bool:
-    """True when triton was imported in interpreter mode.
-
-    Triton reads TRITON_INTERPRET when it is imported (its own library
-    functions such as ``tl.sum`` are wrapped then), so the mode is fixed for
-    the process from that moment.
-    """
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(standard.sum, InterpretedFunction)
-
-
-def available(device: torch.device | str) -> bool:
-    """True when the Triton kernels can run on ``device``.
-
-    CUDA: triton imports and CUDA is available. CPU: triton imports,
-    TRITON_INTERPRET=1 is set and was set when triton was first imported (the
-    Triton interpreter: slow, for tests).
-    """
-    if triton is None:
-        return False
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    if device.type == "cpu":
-        return os.environ.get("TRITON_INTERPRET") == "1" and _interpret()
-    return False
 
 
 # --------------------------------------------------------------------------
@@ -219,17 +152,6 @@ def _kernels():
 # --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
-def _check(h: torch.Tensor, index: torch.Tensor, *others: torch.Tensor | None) -> None:
-    if triton is None or (h.device.type != "cuda" and not available(h.device)):
-        raise RuntimeError(
-            f"Triton kernels are not usable on {h.device.type} "
-            "(install triton; on CPU set TRITON_INTERPRET=1 before triton is first imported)"
-        )
-    for t in (index, *others):
-        if t is not None and t.device != h.device:
-            raise ValueError(f"all tensors must be on {h.device}, got one on {t.device}")
-
-
 @functools.lru_cache(maxsize=256)
 def _row_blocks(n_rows: int, dim: int, max_block_d: int) -> tuple[int, int, bool, int]:
     block_d = min(triton.next_power_of_2(dim), max_block_d)
@@ -261,7 +183,7 @@ def cosine_deviation(
     the looped path at small D.
     """
     reference.check_norm_kind(norm)
-    _check(h, target_row, basis, norm_weight, norm_bias)
+    check_launch(h, target_row, basis, norm_weight, norm_bias)
     n_rows, dim = h.shape
     if n_rows == 0:
         return torch.zeros(0, dtype=torch.float32, device=h.device)
@@ -285,4 +207,4 @@ def cosine_deviation(
     return out
 
 
-__all__ = ["available", "cosine_deviation"]
+__all__ = ["cosine_deviation"]

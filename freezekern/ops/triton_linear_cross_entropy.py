@@ -23,11 +23,16 @@ tile of a row block adds into the same rows), G^T x to dW and the column sums
 of G to dbias, each only when asked (constexpr flags: a frozen head launches
 no dW product at all). The accumulators are fp32.
 
-Matmul dtype, dot precision and the interpreter's bf16 upcast follow
-``triton_deviation`` (the same helpers): operands in h's 16-bit dtype when
-h and weight share it, else fp32 ("tf32x3" on NVIDIA sm_80+). In the
-backward, G enters the products in that dtype too, as Hugging Face's bf16
-backward rounds its logit gradient.
+Matmul dtype: h's 16-bit dtype when h and weight share it, else fp32; its
+``tl.dot`` precision from ``triton_common.dot_precision`` ("tf32x3" for fp32
+on NVIDIA sm_80+). The interpreter's dot cannot take bf16: there bf16 tiles
+are upcast to fp32 first (exact products). In the backward, G enters the
+products in the matmul dtype too, as Hugging Face's bf16 backward rounds its
+logit gradient. Where Triton runs: ``triton_common``.
+
+The forward is also the logit lens (``deviation.py``): its autotune key bins
+the row count (``triton_common.row_bin``), since the tracer calls it with a
+handful of rows and with thousands.
 """
 
 from __future__ import annotations
@@ -36,18 +41,20 @@ import functools
 
 import torch
 
-from freezekern.ops import triton_deviation as _td
+from freezekern.ops.triton_common import (
+    check_launch,
+    dot_precision,
+    interpreting,
+    prune_small,
+    row_bin,
+    tl,
+    triton,
+)
 
-triton, tl = _td.triton, _td.tl
-
-_AUTOTUNE_MIN_LOGITS = 1 << 22
+# Every BLOCK_V in the autotune lists divides this; a vocabulary split is a
+# multiple of it, so the split layout does not depend on the chosen config.
 _VOCAB_SPLIT_QUANTUM = 256
 _MIN_SPLIT = 1024
-
-
-def available(device: torch.device | str) -> bool:
-    """True when the kernels can run on ``device`` (as ``triton_deviation.available``)."""
-    return _td.available(device)
 
 
 # --------------------------------------------------------------------------
@@ -66,7 +73,7 @@ def _forward_kernel(
 
     Writes m, s, z [S, N] fp32 at split program_id(1): max logit, sum of
     exp(logit - max), and the target logit if it lies in the split (else 0).
-    N_BIN (``_n_bin(N)``) is read by the autotuner only.
+    N_BIN (``row_bin(N)``) is read by the autotuner only.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -218,22 +225,10 @@ _FORWARD_SHAPES = [
 _BACKWARD_SHAPES = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3)]
 
 
-def _n_bin(n_rows: int) -> int:
-    """The autotune bin of a row count: powers of two up to 2^16 (the best tile depends on N)."""
-    return min(triton.next_power_of_2(max(int(n_rows), 1)), 1 << 16)
-
-
-def _prune_small(configs, named_args, **kwargs):
-    """Small problems (tests, tiny batches) take the first config untimed."""
-    if named_args["N"] * named_args["V"] < _AUTOTUNE_MIN_LOGITS:
-        return configs[:1]
-    return configs
-
-
 @functools.cache
 def _kernels(interpret: bool):
     """The jitted kernels, wrapped on first use (``interpret``: config list)."""
-    prune = {"early_config_prune": _prune_small}
+    prune = {"early_config_prune": prune_small}
     forward = triton.autotune(
         configs=_configs(interpret, _FORWARD_SHAPES),
         key=["D", "V", "V_PER_SPLIT", "N_BIN"],  # a small first call must not pin the config of large ones
@@ -277,7 +272,7 @@ def forward(h, weight, target, bias, softcap, ignore_index, reduce_sum, eager_h=
     """
     if eager_h or eager_w or eager_b:
         raise ValueError("the Triton linear cross-entropy recomputes its gradients; it has no eager forward")
-    _td._check(h, target, weight, bias)
+    check_launch(h, target, weight, bias)
     n_rows, dim = h.shape
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=h.device)
@@ -287,7 +282,7 @@ def forward(h, weight, target, bias, softcap, ignore_index, reduce_sum, eager_h=
     x, mm_dtype = _operands(h, weight)
     target = target.contiguous()
     bias_c = None if bias is None else bias.detach().contiguous()
-    interpret = _td._interpret()
+    interpret = interpreting()
     forward_kernel, _ = _kernels(interpret)
     splits, per_split = _num_splits(n_rows, vocab, h.device)
     part = torch.empty((3, splits, n_rows), **f32)
@@ -296,9 +291,9 @@ def forward(h, weight, target, bias, softcap, ignore_index, reduce_sum, eager_h=
         weight, weight.stride(0), weight.stride(1),
         bias_c if bias_c is not None else x, target,
         part[0], part[1], part[2],
-        n_rows, dim, vocab, per_split, int(ignore_index), float(softcap or 1.0), _n_bin(n_rows),
+        n_rows, dim, vocab, per_split, int(ignore_index), float(softcap or 1.0), row_bin(n_rows),
         HAS_BIAS=bias_c is not None, HAS_CAP=softcap is not None,
-        DOT_PRECISION=_td._dot_precision(h.device, mm_dtype), DOT_FP32=interpret and mm_dtype == torch.bfloat16,
+        DOT_PRECISION=dot_precision(h.device, mm_dtype), DOT_FP32=interpret and mm_dtype == torch.bfloat16,
     )
     m = part[0].amax(dim=0)
     lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(dim=0))
@@ -311,7 +306,7 @@ def forward(h, weight, target, bias, softcap, ignore_index, reduce_sum, eager_h=
 
 def backward(h, weight, target, bias, lse, grad_rows, softcap, ignore_index, need_h, need_w, need_b):
     """(dh [N, D], dW [V, D], dbias [V]) fp32 where asked (None otherwise), the logits recomputed."""
-    _td._check(h, target, weight, bias, lse, grad_rows)
+    check_launch(h, target, weight, bias, lse, grad_rows)
     n_rows, dim = h.shape
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=h.device)
@@ -323,7 +318,7 @@ def backward(h, weight, target, bias, lse, grad_rows, softcap, ignore_index, nee
     x, mm_dtype = _operands(h.detach(), weight)
     weight = weight.detach()
     bias_c = None if bias is None else bias.detach().contiguous()
-    interpret = _td._interpret()
+    interpret = interpreting()
     _, backward_kernel = _kernels(interpret)
     dummy = torch.zeros(1, **f32)  # for pointers a variant never reads; autotuning zeroes the accumulators
     backward_kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))](
@@ -335,9 +330,9 @@ def backward(h, weight, target, bias, lse, grad_rows, softcap, ignore_index, nee
         n_rows, dim, vocab, int(ignore_index), float(softcap or 1.0),
         HAS_BIAS=bias_c is not None, HAS_CAP=softcap is not None,
         NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
-        DOT_PRECISION=_td._dot_precision(h.device, mm_dtype), DOT_FP32=interpret and mm_dtype == torch.bfloat16,
+        DOT_PRECISION=dot_precision(h.device, mm_dtype), DOT_FP32=interpret and mm_dtype == torch.bfloat16,
     )
     return dx, dw, db
 
 
-__all__ = ["available", "backward", "forward"]
+__all__ = ["backward", "forward"]

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import freezekern as fk
-from freezekern.ops import native, triton_deviation
+from freezekern.ops import native, triton_common
 
 
 def available_impls(device):
     impls = []
     if native.has_op("cosine_deviation", device):
         impls.append("native")
-    if triton_deviation.available(device):
+    if triton_common.available(device):
         impls.append("triton")
     return impls
 

@@ -50,3 +50,27 @@ def test_ops_modules_form_no_import_circle():
 
 def test_native_loader_imports_no_other_ops_module():
     assert _graph()[f"{PACKAGE}.native"] == set()
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private names (``_x``) of other ops modules that ``path`` imports or reads as ``module._x``."""
+    tree = ast.parse(path.read_text())
+    aliases, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == PACKAGE:
+            aliases.update({alias.asname or alias.name: alias.name for alias in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE + "."):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name.rsplit(".", 1)[1] for a in node.names
+                            if a.asname and a.name.startswith(PACKAGE + ".")})
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_ops_module_reaches_into_another_ones_private_names():
+    reaching = {p.name: uses for p in OPS_DIR.glob("*.py") if (uses := _private_uses(p))}
+    assert not reaching, f"private names used across modules: {reaching}"

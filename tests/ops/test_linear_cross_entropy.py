@@ -34,11 +34,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _triton_ok() -> bool:
-    try:
-        from freezekern.ops import triton_deviation
-    except ImportError:
-        return False
-    return triton_deviation.available("cpu") or torch.cuda.is_available()
+    from freezekern.ops import triton_common
+
+    return triton_common.available("cpu") or torch.cuda.is_available()
 
 
 NATIVE_OK = native.has_op("linear_cross_entropy", "cpu")
@@ -218,11 +216,11 @@ def test_triton_small_shapes(dtype, n, d, v):
 def test_triton_forward_autotune_key_bins_the_row_count():
     """A small first call (pruned to one untimed config) must not fix the forward's config for large calls
     (the tracer calls it with a few rows and with thousands)."""
-    from freezekern.ops import triton_linear_cross_entropy as tlce
+    from freezekern.ops import triton_common, triton_linear_cross_entropy
 
-    forward = tlce._kernels(False)[0]
+    forward = triton_linear_cross_entropy._kernels(False)[0]
     assert {"D", "V", "N_BIN"} <= set(forward.keys)
-    bins = [tlce._n_bin(n) for n in (1, 3, 8, 200, 4096, 10**6)]
+    bins = [triton_common.row_bin(n) for n in (1, 3, 8, 200, 4096, 10**6)]
     assert bins == sorted(bins) and len(set(bins)) == len(bins) and bins[-1] == 1 << 16
 
 

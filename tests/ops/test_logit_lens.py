@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 
 from freezekern import ops  # noqa: E402
 from freezekern.ops import native, reference  # noqa: E402
-from freezekern.ops.triton_deviation import available as triton_available  # noqa: E402
+from freezekern.ops.triton_common import available as triton_available  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100

@@ -25,11 +25,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import freezekern.ops as ops  # noqa: E402
-from freezekern.ops import reference, triton_deviation  # noqa: E402
+from freezekern.ops import reference, triton_common, triton_deviation  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-if not triton_deviation.available(DEVICE):
+if not triton_common.available(DEVICE):
     pytest.skip(
         f"Triton kernels not usable on {DEVICE.type} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})",
         allow_module_level=True,
@@ -181,29 +181,29 @@ def test_cosine_index_out_of_range_is_nan():
 
 def test_dot_precision_per_gpu(monkeypatch):
     """fp32: 3xTF32 on NVIDIA sm_80+, IEEE before and on ROCm; bf16/fp16 never ask ROCm for TF32."""
-    cached = triton_deviation._cuda_dot_precision
-    monkeypatch.setattr(triton_deviation, "_cuda_dot_precision", cached.__wrapped__)
+    cached = triton_common._cuda_dot_precision
+    monkeypatch.setattr(triton_common, "_cuda_dot_precision", cached.__wrapped__)
     monkeypatch.setattr(torch.version, "hip", None)
     for capability, fp32 in (((9, 0), "tf32x3"), ((8, 0), "tf32x3"), ((7, 5), "ieee")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
-        assert triton_deviation._dot_precision(torch.device("cuda", 0), torch.float32) == fp32
-        assert triton_deviation._dot_precision(torch.device("cuda", 0), torch.bfloat16) == "tf32"
+        assert triton_common.dot_precision(torch.device("cuda", 0), torch.float32) == fp32
+        assert triton_common.dot_precision(torch.device("cuda", 0), torch.bfloat16) == "tf32"
     monkeypatch.setattr(torch.version, "hip", "6.4")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert triton_deviation._dot_precision(torch.device("cuda", 0), dtype) == "ieee"
+        assert triton_common.dot_precision(torch.device("cuda", 0), dtype) == "ieee"
 
 
 # --------------------------------------------------------------------------
 # availability and dispatch
 # --------------------------------------------------------------------------
 def test_available(monkeypatch):
-    assert triton_deviation.available(DEVICE)
-    assert not triton_deviation.available(torch.device("meta"))
+    assert triton_common.available(DEVICE)
+    assert not triton_common.available(torch.device("meta"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not triton_deviation.available("cpu")
+    assert not triton_common.available("cpu")
     if DEVICE.type == "cpu":  # triton was imported in interpreter mode
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert triton_deviation.available("cpu")
+        assert triton_common.available("cpu")
 
 
 def test_dispatch_uses_triton():

@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from freezekern.ops import triton_common
 from freezekern.ops import triton_deviation as td
 from freezekern.ops import triton_linear_cross_entropy as tlce
 
@@ -52,7 +53,7 @@ def _lce_cases():
     """The fused linear cross-entropy's kernels: the first config with each dtype pairing, soft-capped or
     not, dW asked or not; the forward's first config also in single-pass TF32 (to count its tensor-core
     instructions against); the other autotune configs in bf16 (kept few: each variant costs seconds)."""
-    fp32, low = (td._dot_precision(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16))
+    fp32, low = (triton_common.dot_precision(torch.device("cpu"), dt) for dt in (torch.float32, torch.bfloat16))
     kinds = [("fp32", "fp32", fp32), ("fp32", "bf16", fp32), ("bf16", "bf16", low), ("fp16", "fp16", low)]
     common = {"x_ptr": None, "stride_xn": "i32", "stride_xd": "i32", "w_ptr": None, "stride_wv": "i32",
               "stride_wd": "i32", "b_ptr": "*fp32", "t_ptr": "*i64"}
