@@ -13,6 +13,7 @@ from freezekern.cut import (
     trainable_parameters,
 )
 from freezekern.model import ModelParts, discover, load_default_model, load_model, make_batches, tiny_model
+from freezekern.ops.verification import verify
 from freezekern.policy import FreezePlan, MovingSchedule, plan
 from freezekern.profiler import profile
 from freezekern.trials import Arm, Schedule, compare, probe_plan
@@ -45,4 +46,5 @@ __all__ = [
     "profile",
     "tiny_model",
     "trainable_parameters",
+    "verify",
 ]

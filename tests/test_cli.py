@@ -94,6 +94,25 @@ def test_bench_finds_every_suite(capfd):
     assert "no benchmark suite 'bench_nothing.py'" in capfd.readouterr().err
 
 
+def test_bench_from_an_installed_package_says_where_the_suites_live(tmp_path, monkeypatch, capfd):
+    from pathlib import Path
+
+    import freezekern.cli as cli
+
+    checkout = Path(__file__).resolve().parent.parent / "benchmarks"
+    installed = tmp_path / "site-packages" / "freezekern" / "cli.py"  # no benchmarks/ beside an installed package
+    monkeypatch.setattr(cli, "__file__", str(installed))
+    monkeypatch.delenv("FREEZEKERN_BENCHMARKS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--list"]) == 2
+    err = capfd.readouterr().err
+    assert "not part of the installed package" in err and "benchmarks/ folder" in err and "--dir" in err
+    assert main(["bench", "--dir", str(checkout), "bench_trace.py::test_plain_forward", "--list"]) == 0
+    assert "bench_trace.py::test_plain_forward" in capfd.readouterr().out
+    monkeypatch.setenv("FREEZEKERN_BENCHMARKS", str(checkout))
+    assert cli.benchmarks_root(None) == checkout
+
+
 def test_tiny_dir_loads_like_a_user_model(tiny_dir):
     model, tokenizer = fk.load_model(tiny_dir)
     assert tokenizer("ab")["input_ids"] == [ord("a") - 30, ord("b") - 30]
@@ -187,7 +206,8 @@ def test_internal_errors_point_to_the_traceback(tiny_dir, text_file, tmp_path, c
               "--tokens", "64", "--out", str(tmp_path / "o")])
 
 
-def test_analyze_json_path_flags_and_few_counted_tokens(tiny_dir, tmp_path, capsys):
+def test_analyze_json_path_flags_and_few_counted_tokens(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default plot lands in ./freezekern-out: this test's folder, not the caller's
     records = tmp_path / "pairs.jsonl"
     records.write_text("".join(json.dumps({"prompt": "q" * 12, "completion": "ab"}) + "\n" for _ in range(30)))
     target = tmp_path / "explanation.json"
@@ -204,6 +224,7 @@ def test_analyze_json_path_flags_and_few_counted_tokens(tiny_dir, tmp_path, caps
     assert main(["analyze", "--model", str(tiny_dir), "--data", str(records), "--tokens", "64", "--seq-len", "16",
                  "--json", str(target), "--no-train-head"]) == 0
     assert not fk.FreezePlan.load(target).train_head
+    assert (tmp_path / "freezekern-out" / "trace.png").is_file()
 
 
 def test_finetune_policy_none_trains_everything_and_lora_is_seeded(tiny_dir, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Command line: ``freezekern analyze | finetune | compare | profile | export | bench | env``.
+"""Command line: ``freezekern analyze | finetune | compare | profile | export | verify | bench | env``.
 
 Every argument, output path and data source is checked before a model is
 loaded; user errors (bad values, missing or unreadable files, data that is
@@ -20,11 +20,12 @@ from freezekern.cli.commands import (
     cmd_export,
     cmd_finetune,
     cmd_profile,
+    cmd_verify,
 )
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 COMMANDS = {"analyze": cmd_analyze, "finetune": cmd_finetune, "compare": cmd_compare, "profile": cmd_profile,
-            "export": cmd_export, "bench": cmd_bench, "env": cmd_env}
+            "export": cmd_export, "verify": cmd_verify, "bench": cmd_bench, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

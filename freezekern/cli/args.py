@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", nargs="?", default="", help="a file in benchmarks/ (default: all)")
     bench.add_argument("--json", default="freezekern-out/bench.json")
     bench.add_argument("--list", action="store_true", help="list the benchmarks and run none")
+    bench.add_argument("--dir", default=None,
+                       help="the benchmarks/ folder of a freezekern source checkout (default: beside the package, "
+                            "then ./benchmarks, then $FREEZEKERN_BENCHMARKS)")
+
+    verify = sub.add_parser("verify", help="check every kernel on this machine against an fp64 reference")
+    verify.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    verify.add_argument("--triton-interpret", action="store_true",
+                        help="also run the Triton kernels in Triton's CPU interpreter (slow)")
+    verify.add_argument("--op", action="append", default=None, help="check only this op (repeatable)")
 
     sub.add_parser("env", help="versions, devices and which kernels are available")
     _add_profile_parser(sub)

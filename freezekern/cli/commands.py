@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -288,12 +289,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+BENCHMARKS_HOME = "the benchmarks/ folder at the top of the freezekern source repository (beside freezekern/)"
+
+
+def benchmarks_root(given: str | None) -> Path:
+    """The benchmarks/ folder: ``given`` (--dir), beside the package (a source checkout), ./benchmarks, or
+    $FREEZEKERN_BENCHMARKS; raises FileNotFoundError saying where the suites live when none has them."""
+    if given is not None:
+        candidates = [Path(given)]
+    else:
+        candidates = [Path(__file__).resolve().parents[2] / "benchmarks", Path.cwd() / "benchmarks"]
+        if os.environ.get("FREEZEKERN_BENCHMARKS"):
+            candidates.append(Path(os.environ["FREEZEKERN_BENCHMARKS"]))
+    for root in candidates:
+        if root.is_dir() and any(root.glob("bench_*.py")):
+            return root
+    looked = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"no benchmark suites (bench_*.py) in {looked}. They are not part of the installed package: they live in "
+        f"{BENCHMARKS_HOME}. Run `freezekern bench` inside a checkout, or pass --dir PATH/TO/benchmarks "
+        "(or set FREEZEKERN_BENCHMARKS); `freezekern verify` checks the kernels without them"
+    )
+
+
 def cmd_bench(args) -> int:
     import subprocess
 
-    root = Path(__file__).resolve().parents[2] / "benchmarks"
-    if not root.is_dir():
-        raise FileNotFoundError("benchmarks/ not found: run `freezekern bench` from a source checkout")
+    root = benchmarks_root(args.dir)
     target = root / args.suite if args.suite else root  # a suite may name a test: bench_x.py::test_y
     if not (root / args.suite.split("::")[0]).exists():
         suites = ", ".join(sorted(p.name for p in root.glob("bench_*.py")))
@@ -318,6 +340,26 @@ def cmd_export(args) -> int:
     check_export_args(args)
     export_command(args)
     return 0
+
+
+def cmd_verify(args) -> int:
+    if args.triton_interpret and torch.cuda.is_available():
+        print("freezekern verify: a GPU is present, Triton runs compiled on it; --triton-interpret ignored",
+              file=sys.stderr)
+        args.triton_interpret = False
+    if args.triton_interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads TRITON_INTERPRET once, when torch first imports it: run the check in a fresh process
+        import subprocess
+
+        argv = ["verify", "--triton-interpret", *(["--json"] if args.json else []),
+                *(f"--op={op}" for op in args.op or ())]
+        return subprocess.call([sys.executable, "-m", "freezekern.cli", *argv],
+                               env={**os.environ, "TRITON_INTERPRET": "1"})
+    from freezekern.ops.verification import verify
+
+    report = verify(ops=args.op, triton_interpret=args.triton_interpret)
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.passed else 1
 
 
 def cmd_env(args) -> int:

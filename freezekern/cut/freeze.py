@@ -51,6 +51,8 @@ touches the other's private state.
 Bad input is refused: k outside [0, L], a plan made for another model,
 applying twice, removing twice, trainable PEFT adapters inside the frozen
 prefix (``frozen_adapters="refuse"``, the default; ``"freeze"`` freezes them),
+trainable tensors outside the embeddings, the blocks, the final norm and the
+head, which the cut could not train (``freeze_outside=True`` freezes them),
 parameters shared between the prefix and the trained part, a model already
 wrapped in DistributedDataParallel, and at forward time a model whose blocks
 are not called through their module call or whose block k+1 receives no
@@ -146,6 +148,7 @@ def apply(
     parts: ModelParts | None = None,
     frozen_adapters: str = "refuse",
     fused_loss: bool = False,
+    freeze_outside: bool = False,
 ) -> FreezeHandle:
     """Freeze the embeddings and blocks 1..k of ``model`` and cut its backward pass at block k+1.
 
@@ -159,7 +162,12 @@ def apply(
     ``frozen_adapters``: what to do with trainable PEFT adapter parameters
     inside the frozen prefix: ``"refuse"`` (raise; build LoRA above the
     boundary with ``freezekern.integrations.peft.lora_config_for_plan``) or
-    ``"freeze"``. ``fused_loss=True`` also computes the loss of forwards with labels
+    ``"freeze"``. ``freeze_outside``: what to do with trainable parameters
+    that are neither the embeddings (the input embedding and the
+    ``nn.Embedding`` modules beside the blocks, e.g. GPT-2's ``wpe``), nor a block,
+    the final norm or the head (a VLM projector, OPT's ``project_in``): the
+    cut cannot train them, so they are refused by name unless
+    ``freeze_outside=True`` freezes them. ``fused_loss=True`` also computes the loss of forwards with labels
     by the fused LM-head op (``freezekern.cut.fused_loss``: no [B, T, V] logits, no
     weight gradient for a frozen head; ``logits`` is then None). Returns a
     FreezeHandle; ``handle.remove()`` undoes it all.
@@ -195,14 +203,7 @@ def apply(
             "freezekern cannot run the frozen prefix graph-free"
         )
 
-    # Which parameters train (never more than before): blocks k+1..L, final norm, head.
-    region: dict[int, nn.Parameter] = {}
-    for block in parts.blocks[k:]:
-        region.update((id(p), p) for p in block.parameters())
-    if train_final_norm and parts.final_norm is not None:
-        region.update((id(p), p) for p in parts.final_norm.parameters())
-    if train_head:
-        region.update((id(p), p) for p in parts.lm_head.parameters())
+    region = _trained_region(parts, k, bool(train_head), bool(train_final_norm))
     head_ids = {id(p) for p in parts.lm_head.parameters()}
     names = {id(p): n for n, p in model.named_parameters()}
 
@@ -219,6 +220,14 @@ def apply(
 
     adapters = adapter_parameter_ids(base)
     to_freeze = [p for p in model.parameters() if p.requires_grad and id(p) not in region]
+    outside = _outside_parameters(base, parts, embedding, to_freeze, adapters, names)
+    if outside and not freeze_outside:
+        shown = ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else "")
+        raise ValueError(
+            f"{len(outside)} trainable parameter tensors of {type(base).__name__} are neither an embedding, a block, "
+            f"the final norm nor the head ({shown}); the cut at block {k + 1} cannot train them. Freeze them first "
+            "(p.requires_grad_(False)) or pass freeze_outside=True to let apply() freeze them"
+        )
     frozen_adapter_names = [adapters[id(p)] for p in to_freeze if id(p) in adapters]
     if frozen_adapter_names and frozen_adapters == "refuse":
         shown = ", ".join(frozen_adapter_names[:4]) + (" ..." if len(frozen_adapter_names) > 4 else "")
@@ -231,6 +240,7 @@ def apply(
     state = _CutState(boundary=k, blocks=parts.blocks, recorded_blocks=list(parts.blocks), embedding=embedding)
     handle = FreezeHandle(model, parts, k, plan, bool(train_head), bool(train_final_norm), state)
     handle._frozen_adapters = frozen_adapter_names
+    handle._freeze_outside = bool(freeze_outside)
     try:
         for p in to_freeze:
             p.requires_grad_(False)
@@ -268,6 +278,41 @@ def apply(
         k + 1,
     )
     return handle
+
+
+def _trained_region(parts: ModelParts, k: int, train_head: bool, train_final_norm: bool) -> dict[int, nn.Parameter]:
+    """The parameters a cut at k may leave trainable (never more than before): blocks k+1..L, final norm, head."""
+    region: dict[int, nn.Parameter] = {}
+    for block in parts.blocks[k:]:
+        region.update((id(p), p) for p in block.parameters())
+    if train_final_norm and parts.final_norm is not None:
+        region.update((id(p), p) for p in parts.final_norm.parameters())
+    if train_head:
+        region.update((id(p), p) for p in parts.lm_head.parameters())
+    return region
+
+
+def cut_would_freeze(model: nn.Module, k: int, *, train_head: bool, train_final_norm: bool = True,
+                     parts: ModelParts | None = None) -> list[str]:
+    """Names of ``model``'s trainable parameters that ``apply(model, k, ...)`` would freeze (empty: none)."""
+    parts = parts or discover(model)
+    region = _trained_region(parts, k, train_head, train_final_norm)
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in region]
+
+
+def _outside_parameters(base: nn.Module, parts: ModelParts, embedding: nn.Module, params: list[nn.Parameter],
+                        adapters: Mapping[int, str], names: Mapping[int, str]) -> list[str]:
+    """Names of ``params`` outside the embeddings, the blocks, the final norm and the head (adapters aside)."""
+    known: set[int] = {id(p) for p in embedding.parameters()}
+    for backbone in base.modules():  # the module holding the blocks: its embeddings (token, position) run below
+        if any(child is parts.blocks for child in backbone.children()):
+            for module in backbone.children():
+                if isinstance(module, nn.Embedding):
+                    known.update(id(p) for p in module.parameters())
+    for module in (parts.blocks, parts.final_norm, parts.lm_head):
+        if module is not None:
+            known.update(id(p) for p in module.parameters())
+    return [names.get(id(p), "?") for p in params if id(p) not in known and id(p) not in adapters]
 
 
 def _apply_no_cut(model: nn.Module, parts: ModelParts, plan: FreezePlan, *, fused_loss: bool) -> FreezeHandle:

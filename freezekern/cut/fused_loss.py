@@ -6,7 +6,7 @@
     handle.remove()                                  # the model is as it was
 
 What it changes, on this instance only: ``model.forward`` (of the *ForCausalLM;
-a PEFT ``PeftModel`` is unwrapped to it). A forward **with** ``labels`` runs
+a PEFT ``PeftModel`` is unwrapped to it). A **training** forward (``model.training``) **with** ``labels`` runs
 the decoder backbone, then ``freezekern.ops.linear_cross_entropy`` on its last
 hidden state with the LM head's weight (and bias), the family's logit scale
 and final-logit soft-capping (``freezekern.model.parts.HEADS``), and returns the
@@ -15,8 +15,9 @@ built. The loss is Hugging Face's ``ForCausalLMLoss`` exactly: labels shifted
 inside (or ``shift_labels=`` taken as given), ``ignore_index`` (-100 unless
 passed), the mean over counted tokens, or the sum divided by
 ``num_items_in_batch`` when the Trainer passes it (gradient accumulation),
-fp32 accumulation. A forward **without** labels is the original one, so
-``generate`` and evaluation without labels are unchanged.
+fp32 accumulation. A forward **without** labels, or in evaluation mode
+(``model.eval()``, as ``Trainer.evaluate`` sets it), is the original one:
+``generate``, ``compute_metrics`` and predictions get their logits.
 
 Gradients: the head's weight gradient is computed only when the weight
 requires grad; a frozen head (freezekern's default for tied embeddings) costs
@@ -236,7 +237,7 @@ def _fused_forward(self, *args, **kwargs):
         elif param.kind is inspect.Parameter.VAR_POSITIONAL and arguments.pop(name, ()):
             raise TypeError(f"{type(self).__name__}.forward got extra positional arguments")
     labels = arguments.pop("labels", None)
-    if labels is None:
+    if labels is None or not self.training:  # evaluation keeps its logits (metrics, predictions), as Liger-Kernel
         state.stats["plain"] += 1
         return type(self).forward(self, *args, **kwargs)
     _check_loss_function(self)

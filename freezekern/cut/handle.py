@@ -40,6 +40,7 @@ class FreezeHandle:
         self._wrapped: list[tuple[nn.Module, bool]] = []  # (module, had its own instance forward)
         self._hooks: list = []
         self._frozen_adapters: list[str] = []
+        self._freeze_outside = False
         self.fused_loss = None  # a freezekern.cut.fused_loss.FusedLossHandle when apply(..., fused_loss=True)
 
     # -- what it did -------------------------------------------------------------------------

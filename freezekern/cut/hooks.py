@@ -6,7 +6,10 @@ takes them away.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -23,23 +26,57 @@ _STATE_ATTR = "_freezekern_state"
 _INNER_ATTR = "_freezekern_inner_forward"
 
 
+class _CallState:
+    """The state of one model call."""
+
+    def __init__(self):
+        self.cut_seen = False
+        self.consulted = False  # this model call asked the source (so it sees the computed state)
+        self.served: torch.Tensor | None = None  # the state the source gave for this call
+        self.served_ids: torch.Tensor | None = None  # ... for the forward whose embedding gets exactly these ids
+        self.skipping = False  # the embedding returned the served state: frozen blocks pass it through
+
+
+def _per_call(name: str) -> property:
+    return property(lambda self: getattr(self.call, name), lambda self, value: setattr(self.call, name, value))
+
+
 @dataclass
 class _CutState:
-    """Per-forward bookkeeping shared by the wrappers and hooks of one handle."""
+    """Per-forward bookkeeping shared by the wrappers and hooks of one handle (the per-call part per thread)."""
 
     boundary: int
     blocks: nn.ModuleList
     recorded_blocks: list[nn.Module]
     embedding: nn.Module | None = None
-    cut_seen: bool = False
     source: BoundarySource | None = None
-    consulted: bool = False  # this model call asked the source (so it sees the computed state)
-    served: torch.Tensor | None = None  # the state the source gave for this call
-    served_ids: torch.Tensor | None = None  # ... for the forward whose embedding gets exactly these ids
-    skipping: bool = False  # the embedding returned the served state: frozen blocks pass it through
     skip_unsupported: str | None = None
     stats: dict = field(default_factory=lambda: {"cuts": 0, "leaf_cuts": 0, "served": 0, "unservable": 0})
     refusals_logged: set = field(default_factory=set)
+    # per thread (a plain dict: torch.compile traces it, unlike threading.local): calls from several threads
+    # (DataParallel replicas) never mix
+    calls: dict = field(default_factory=dict)
+
+    @property
+    def call(self) -> _CallState:
+        thread = threading.get_ident()
+        state = self.calls.get(thread)
+        if state is None:
+            if len(self.calls) > 64:  # threads that ended (DataParallel starts new ones)
+                self.calls.clear()
+            state = self.calls[thread] = _CallState()
+        return state
+
+    def __deepcopy__(self, memo):  # a copied model (copy.deepcopy) starts with no call in flight
+        fields = {f.name: copy.deepcopy(getattr(self, f.name), memo) for f in dataclasses.fields(self)
+                  if f.name != "calls"}
+        return type(self)(**fields)
+
+    cut_seen = _per_call("cut_seen")
+    consulted = _per_call("consulted")
+    served = _per_call("served")
+    served_ids = _per_call("served_ids")
+    skipping = _per_call("skipping")
 
     def reset_call(self) -> None:
         self.cut_seen = False
@@ -54,7 +91,7 @@ def _graph_free_forward(self, *args, **kwargs):
     if state is not None and state.served is not None:
         if self is state.embedding:
             ids = args[0] if args else kwargs.get("input")
-            state.skipping = ids is state.served_ids
+            state.skipping = _same_ids(ids, state.served_ids)
         if state.skipping:
             return _skipped_output(self, state, args, kwargs)
     if torch.is_grad_enabled() and _would_checkpoint(self):
@@ -66,6 +103,18 @@ def _graph_free_forward(self, *args, **kwargs):
             and state.skip_unsupported is None:
         state.skip_unsupported = f"{type(self).__name__} returns {type(out).__name__}, not a tensor"
     return out
+
+
+def _same_ids(ids, served_ids) -> bool:
+    """Whether the embedding gets the ids the state was served for: the same tensor, or a view with equal values.
+
+    GPT-2 and OPT hand their embedding ``input_ids.view(-1, T)``: another
+    object with the same shape and values, whose embedding output is the same.
+    """
+    if ids is served_ids:
+        return True
+    return isinstance(ids, torch.Tensor) and isinstance(served_ids, torch.Tensor) and ids.shape == served_ids.shape \
+        and ids.dtype == served_ids.dtype and ids.device == served_ids.device and torch.equal(ids, served_ids)
 
 
 def _skipped_output(module: nn.Module, state: _CutState, args, kwargs):
@@ -204,6 +253,9 @@ def _make_cut_hook(state: _CutState, k: int):
             if state.skipping:
                 hidden = state.served
                 state.stats["served"] += 1
+                served = getattr(state.source, "served", None)
+                if served is not None:
+                    served()
             elif state.consulted and state.source is not None and state.skip_unsupported is None:
                 state.source.computed(hidden)
         finally:

@@ -51,13 +51,13 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeH
         raise
     try:
         new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                    frozen_adapters="freeze")
+                    frozen_adapters="freeze", freeze_outside=handle._freeze_outside)
     except BaseException:
         for p in model.parameters():  # restore the old flags, then the old cut
             if id(p) in before:
                 p.requires_grad_(True)
         restored = apply(model, old_plan, train_head=train_head, train_final_norm=train_norm, parts=parts,
-                         frozen_adapters="freeze")
+                         frozen_adapters="freeze", freeze_outside=handle._freeze_outside)
         restored.fused_loss = fused
         if source is not None and hasattr(source, "moved"):
             source.moved(restored)

@@ -19,11 +19,16 @@ else under ``torch.no_grad()`` always runs the prefix, and stores nothing.
 
 Keys: a BLAKE2 hash of one sample's ``input_ids`` row, its
 ``attention_mask`` row and ``position_ids`` row (when given), the sequence
-length, and a salt: the plan's boundary, the model fingerprint and a digest
-of every frozen tensor (parameters that do not require grad, and buffers).
-A forward is served only when every sample of the batch is cached. In-place
-changes to frozen tensors (``load_state_dict`` and the like bump their version
-counters) clear the cache.
+length, the call's autocast state (enabled and dtype, for the model's device
+type and the CPU), a digest of the model's config
+(``freezekern.cut.prefix_state.config_digest``: attention implementation, rope
+scaling, ...), and a salt: the plan's boundary, the model fingerprint and a
+digest of every frozen tensor (parameters that do not require grad, and
+buffers). A forward is served only when every sample of the batch is cached,
+and counts as a hit only when the served state reached block k+1. Any change
+of a frozen tensor clears the cache before the next consulted forward:
+through the tensor or its storage exactly, through ``p.data`` by its content
+(``freezekern.cut.prefix_state.FrozenWatch`` says what that check sees).
 
 Storage: memory (on ``device``, default: where the hidden state lives) or a
 directory with one sub-directory per salt and one file per sample; entries
@@ -39,12 +44,14 @@ import hashlib
 import io
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from freezekern.cut.call_inputs import call_input_ids, unservable_argument
+from freezekern.cut.prefix_state import FrozenWatch, autocast_state, config_digest
 from freezekern.io import atomic_write_bytes
 
 logger = logging.getLogger("freezekern.cut.prefix_cache")
@@ -66,10 +73,21 @@ class PrefixCache:
         self._bytes = 0
         self._handle = None
         self._salt = ""
-        self._versions: list[int] = []
-        self._pending: list[str] | None = None
+        self._watch: FrozenWatch | None = None
+        self._calls: dict[int, list[str] | None] = {}  # the keys of the call in flight, per thread
         self._determinism: tuple | None = None
         self._counts = {"hits": 0, "misses": 0, "bypassed": 0, "stored": 0, "rejected": 0, "evicted": 0}
+
+    @property
+    def _pending(self) -> list[str] | None:
+        return self._calls.get(threading.get_ident())
+
+    @_pending.setter
+    def _pending(self, keys: list[str] | None) -> None:
+        if keys is None:
+            self._calls.pop(threading.get_ident(), None)
+        else:
+            self._calls[threading.get_ident()] = keys
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, handle) -> PrefixCache:
@@ -96,7 +114,7 @@ class PrefixCache:
         self._handle = handle
         self._determinism = None
         self._salt = self._weights_salt(handle)
-        self._versions = self._frozen_versions()
+        self._watch = FrozenWatch(self._frozen_tensors)
         if self.root is None:
             self.clear()
         else:
@@ -142,23 +160,26 @@ class PrefixCache:
         if unservable_argument(args, kwargs) is not None or not self._deterministic():
             self._counts["bypassed"] += 1
             return None
-        versions = self._frozen_versions()
-        if versions != self._versions:
-            logger.info("frozen weights changed in place: prefix cache cleared")
+        if self._watch.changed():
+            logger.info("frozen weights changed: prefix cache cleared")
             self.clear()
             self._salt = self._weights_salt(self._handle)
-            self._versions = versions
             if self.root is not None:
                 self._open_directory()
-        keys = self._keys(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
-        if all(self._has(k) for k in keys):
-            self._counts["hits"] += 1
-            rows = [self._get(k) for k in keys]
-            device = self._handle.embedding.weight.device if hasattr(self._handle.embedding, "weight") \
-                else rows[0].device
-            return torch.stack(rows).to(device)
+        embedding = self._handle.embedding
+        device = embedding.weight.device if hasattr(embedding, "weight") else input_ids.device
+        context = f"{autocast_state(device)}|{config_digest(self._handle.model)}"
+        keys = self._keys(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), context)
         self._pending = keys
+        if all(self._has(k) for k in keys):
+            return torch.stack([self._get(k) for k in keys]).to(device)
         return None
+
+    def served(self) -> None:
+        """The state ``begin`` offered reached block k+1: a hit."""
+        if self._pending is not None:
+            self._counts["hits"] += 1
+        self._pending = None
 
     def computed(self, hidden: torch.Tensor) -> None:
         keys, self._pending = self._pending, None
@@ -178,9 +199,6 @@ class PrefixCache:
         tensors = [p for p in model.parameters() if not p.requires_grad]
         return tensors + list(model.buffers())
 
-    def _frozen_versions(self) -> list[int]:
-        return [t._version for t in self._frozen_tensors()]
-
     def _weights_salt(self, handle) -> str:
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{handle.parts.fingerprint()}|k={handle.boundary}|".encode())
@@ -189,7 +207,7 @@ class PrefixCache:
             digest.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    def _keys(self, input_ids: torch.Tensor, mask, positions) -> list[str]:
+    def _keys(self, input_ids: torch.Tensor, mask, positions, context: str = "") -> list[str]:
         ids = input_ids.detach().to("cpu", torch.int64)
         mask = None if mask is None else mask.detach().to("cpu", torch.int64)
         positions = None if positions is None else positions.detach().to("cpu", torch.int64)
@@ -198,7 +216,7 @@ class PrefixCache:
         keys = []
         for row in range(ids.shape[0]):
             digest = hashlib.blake2b(digest_size=20)
-            digest.update(f"{self._salt}|{ids.shape[1]}|".encode())
+            digest.update(f"{self._salt}|{ids.shape[1]}|{context}|".encode())
             digest.update(ids[row].numpy().tobytes())
             digest.update(b"|m" + (mask[row].numpy().tobytes() if mask is not None else b"-"))
             digest.update(b"|p" + (positions[row].numpy().tobytes() if positions is not None else b"-"))

@@ -10,7 +10,7 @@ the policy's, the state entering block k+1 is the same tensor for both:
   prefix is the very same modules;
 * a frozen copy of the base model as the reference: its prefix weights are
   checked equal to the policy's when attached, and again whenever a
-  frozen tensor of either changes in place.
+  frozen tensor of either changes (``freezekern.cut.prefix_state.FrozenWatch``).
 
 ``SharedPrefix`` is a ``freezekern.cut.freeze.BoundarySource`` on the handle of
 each model: the first forward on a batch computes the boundary state as
@@ -40,26 +40,20 @@ of two full forwards (the tests compare them bit for bit).
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 
 import torch
-from torch import nn
 
 from freezekern.cut.call_inputs import PREFIX_INPUTS, call_input_ids, unservable_argument
 from freezekern.cut.freeze import apply
 from freezekern.cut.handle import FreezeHandle, active_handle
 from freezekern.cut.prefix_cache import without_active_dropout
+from freezekern.cut.prefix_state import FrozenWatch, autocast_state, prefix_config
 from freezekern.model.peft import adapter_layers, adapter_parameter_ids, base_parameter_name, unwrap_peft
 
 logger = logging.getLogger("freezekern.cut.shared_prefix")
 
-# config entries that never change what the prefix computes (names, token ids, output switches); any other
-# difference between the two configs refuses the sharing
-_IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures", "_commit_hash", "bos_token_id",
-                        "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "use_cache",
-                        "return_dict", "output_hidden_states", "output_attentions", "torchscript", "dtype",
-                        "torch_dtype", "id2label", "label2id", "problem_type", "tokenizer_class", "prefix",
-                        "task_specific_params", "finetuning_task"}
 
 
 def _frozen_side(handle: FreezeHandle) -> dict[str, torch.Tensor]:
@@ -83,13 +77,9 @@ def _frozen_side(handle: FreezeHandle) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _config_dict(model: nn.Module) -> dict:
-    config = getattr(unwrap_peft(model)[0], "config", None)
-    if config is None:
-        return {}
-    data = {k: v for k, v in config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
-    data["_attn_implementation"] = getattr(config, "_attn_implementation", None)
-    return data
+def _call_key(port) -> tuple[int, int]:
+    """The call in flight on a port, per thread (DataParallel replicas call from several threads)."""
+    return id(port), threading.get_ident()
 
 
 class _Port:
@@ -103,6 +93,9 @@ class _Port:
 
     def computed(self, hidden: torch.Tensor) -> None:
         self.hub._computed(self, hidden)
+
+    def served(self) -> None:
+        self.hub._served(self)
 
     def detached(self) -> None:
         self.hub._port_detached(self)
@@ -140,7 +133,7 @@ class SharedPrefix:
         self._ports = [_Port(self, h) for h in handles]
         self._states: OrderedDict = OrderedDict()  # slot id -> (key tensors, state, versions)
         self._pending: dict[int, tuple] = {}
-        self._versions = self._tensor_versions()
+        self._watch = FrozenWatch(self._frozen_tensors)
         self._disabled: str | None = None
         self.stats = {"computed": 0, "served": 0, "not_shareable": 0}
         try:
@@ -185,7 +178,7 @@ class SharedPrefix:
         if policy.parts.num_layers != reference.parts.num_layers:
             raise ValueError(f"the reference model has {reference.parts.num_layers} blocks, the policy "
                              f"{policy.parts.num_layers}: no prefix to share")
-        a, b = _config_dict(policy.model), _config_dict(reference.model)
+        a, b = prefix_config(policy.model), prefix_config(reference.model)
         differing = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if differing:
             raise ValueError(f"the reference model's config differs from the policy's ({', '.join(differing[:4])}): "
@@ -202,11 +195,11 @@ class SharedPrefix:
                 raise ValueError(f"the reference's {name} differs from the policy's: the frozen prefixes are not the "
                                  "same model, so their boundary states differ; no prefix to share")
 
-    def _tensor_versions(self) -> tuple:
+    def _frozen_tensors(self) -> list[torch.Tensor]:
         tensors = list(_frozen_side(self.policy).values())
         if self.reference is not None:
             tensors += list(_frozen_side(self.reference).values())
-        return tuple(t._version for t in tensors)
+        return tensors
 
     # -- BoundarySource (through the ports) -------------------------------------------------------
     def _key(self, args: tuple, kwargs: dict) -> tuple | None:
@@ -216,11 +209,13 @@ class SharedPrefix:
         values = [ids] + [kwargs.get(name) for name in PREFIX_INPUTS[1:]]
         if not isinstance(ids, torch.Tensor) or any(v is not None and not isinstance(v, torch.Tensor) for v in values):
             return None
-        return tuple(None if v is None else v.detach() for v in values)
+        return (autocast_state(ids.device), *(None if v is None else v.detach() for v in values))
 
     @staticmethod
     def _same(a: tuple, b: tuple) -> bool:
-        for x, y in zip(a, b):
+        if a[0] != b[0]:  # the autocast state
+            return False
+        for x, y in zip(a[1:], b[1:]):
             if (x is None) != (y is None):
                 return False
             if x is not None and (x.shape != y.shape or x.device != y.device or not torch.equal(x, y)):
@@ -230,8 +225,7 @@ class SharedPrefix:
     def _shareable(self, port: _Port) -> bool:
         if self._disabled is not None:
             return False
-        versions = self._tensor_versions()
-        if versions != self._versions:
+        if self._watch.changed():
             self._states.clear()
             if self.reference is not None:
                 try:
@@ -240,36 +234,45 @@ class SharedPrefix:
                     self._disabled = str(exc)
                     logger.warning("shared prefix switched off: %s", exc)
                     return False
-            self._versions = versions
         return without_active_dropout(port.handle.prefix_modules())
 
     def _begin(self, port: _Port, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        self._pending.pop(id(port), None)
+        self._pending.pop(_call_key(port), None)
         key = self._key(args, kwargs)
         if key is None or not self._shareable(port):
             self.stats["not_shareable"] += 1
             return None
         for slot, (stored_key, state) in self._states.items():
             if self._same(stored_key, key):
-                del self._states[slot]  # each state feeds one other forward: sharing, not caching
-                self.stats["served"] += 1
+                self._pending[_call_key(port)] = (key, slot)  # a hit once served(): the state reached block k+1
                 device = port.handle.embedding.weight.device if hasattr(port.handle.embedding, "weight") \
                     else state.device
                 return state.to(device)
-        self._pending[id(port)] = key
+        self._pending[_call_key(port)] = (key, None)
         return None
 
+    def _served(self, port: _Port) -> None:
+        key, slot = self._pending.pop(_call_key(port), (None, None))
+        if slot is not None:
+            self._states.pop(slot, None)  # each state feeds one other forward: sharing, not caching
+            self.stats["served"] += 1
+
     def _computed(self, port: _Port, hidden: torch.Tensor) -> None:
-        key = self._pending.pop(id(port), None)
+        key, slot = self._pending.pop(_call_key(port), (None, None))
+        if slot is not None:
+            self._states.pop(slot, None)  # offered but not used: the fresh state replaces it
         if key is None or hidden.dim() != 3:
             return
         self.stats["computed"] += 1
-        self._states[object()] = (tuple(None if k is None else k.clone() for k in key), hidden.detach())
+        # a private copy: the tensor block k+1 receives may be changed in place by the model before it is served
+        self._states[object()] = (tuple(k if not isinstance(k, torch.Tensor) else k.clone() for k in key),
+                                  hidden.detach().clone())
         while len(self._states) > self.slots:
             self._states.popitem(last=False)
 
     def _port_detached(self, port: _Port) -> None:
-        self._pending.pop(id(port), None)
+        for call in [c for c in self._pending if c[0] == id(port)]:
+            del self._pending[call]
         if port in self._ports:
             self._ports.remove(port)
         if not self._ports:

@@ -18,8 +18,10 @@ class BoundarySource(Protocol):
     the prefix, with the model's call arguments; return the boundary state
     [B, T, D] (dtype and device of the hidden states) to serve, or None to let
     the prefix compute it. ``computed(hidden)``: the state the prefix computed
-    for that call (only when ``begin`` returned None). ``detached()``: the
-    handle no longer uses this source.
+    for that call (when ``begin`` returned None, or when the state it offered
+    could not be used because the embedding got other ids). ``served()``
+    (optional): the state ``begin`` offered reached block k+1; only then is
+    it a hit. ``detached()``: the handle no longer uses this source.
     """
 
     def begin(self, args: tuple, kwargs: dict) -> torch.Tensor | None: ...

@@ -90,7 +90,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     to ``freezekern.apply``; ``frozen_adapters`` None (freeze adapters below
     the boundary, with a warning), "freeze" (silently) or "refuse";
     ``fused_loss`` installs the fused LM-head loss (no logits are built for
-    forwards with labels, see ``freezekern.cut.fused_loss``) at init, once, kept
+    training forwards with labels, see ``freezekern.cut.fused_loss``) at init, once, kept
     across boundary moves (``fused_loss_handle``);
     ``policy_kwargs`` (e.g. ``{"boundary": 3}`` for policy "fixed") to
     ``freezekern.plan``. ``plan`` may be a FreezePlan, its dict form or an int

@@ -44,7 +44,7 @@ from freezekern.profiler.part_costs import measure_part_costs
 from freezekern.profiler.result import CUT, YOURS, ProfileReport
 from freezekern.profiler.run import assemble_report
 from freezekern.profiler.setup import SetupFacts, describe_setup
-from freezekern.profiler.step_timing import StepRecorder, input_embedding
+from freezekern.profiler.step_timing import StepRecorder
 
 logger = logging.getLogger("freezekern.profile")
 
@@ -103,11 +103,12 @@ class BackwardProfileCallback(TrainerCallback):
             compare = False
             self._boundary = handle.boundary
             self.notes.append(f"freezekern's cut is already applied (k={handle.boundary}): profiled as it is")
-        elif compare and self._prefix_trains(model, parts):
+        elif compare and (deprived := self._deprived(model, parts)):
             compare = False
-            self.notes.append("the cut would change what trains (a parameter of the frozen prefix requires grad, "
-                              "e.g. the embeddings): your setup is profiled alone; freezekern.profile() compares "
-                              "both outside the training run")
+            shown = ", ".join(deprived[:3]) + (" ..." if len(deprived) > 3 else "")
+            self.notes.append(f"the cut would change what trains ({len(deprived)} trainable parameter tensors would "
+                              f"get no gradient on its steps: {shown}): your setup is profiled alone; "
+                              "freezekern.profile() compares both outside the training run")
         labels = [YOURS, CUT] if compare else [YOURS]
         self._labels = labels
         self._compared = compare
@@ -117,10 +118,12 @@ class BackwardProfileCallback(TrainerCallback):
         self._recorder = StepRecorder(model, parts).install()
         self._batch_hook = model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
 
-    def _prefix_trains(self, model, parts) -> bool:
-        embedding = input_embedding(model)
-        modules = ([embedding] if embedding is not None else []) + list(parts.blocks[: self._boundary])
-        return any(p.requires_grad for m in modules for p in m.parameters())
+    def _deprived(self, model, parts) -> list[str]:
+        """Trainable parameters the cut's steps would freeze: every one, not only the prefix's."""
+        from freezekern.cut.freeze import cut_would_freeze
+
+        return cut_would_freeze(model, self._boundary, train_head=self._facts.head_trains, train_final_norm=True,
+                                parts=parts)
 
     def _remember_batch(self, module, args, kwargs):
         if self._batch is None and module.training and torch.is_grad_enabled() \

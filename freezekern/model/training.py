@@ -70,7 +70,8 @@ def enable_checkpointing(model, use_reentrant: bool | None = None) -> None:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise ValueError(f"{type(target).__name__} does not support activation checkpointing")
-    if hasattr(model, "enable_input_require_grads"):
+    # transformers may have installed it already; a second one would replace the handle and leak the first hook
+    if hasattr(model, "enable_input_require_grads") and getattr(target, "_require_grads_hook", None) is None:
         model.enable_input_require_grads()
 
 

@@ -96,8 +96,12 @@ def _broken(exc: BaseException) -> _State:
 
 
 def _register_fakes() -> None:
+    # the real kernels' argument checks, so a bad call is refused while tracing
+    from freezekern.ops import fake_checks as checks
+
     @torch.library.register_fake("freezekern::cosine_deviation")
     def _cosine_fake(h, basis, target_row, norm, norm_weight, norm_bias, norm_eps):
+        checks.cosine(h, basis, target_row, norm, norm_weight, norm_bias)
         return h.new_empty((h.shape[0],), dtype=torch.float32)
 
     if not _STATE.kernels.get("linear_cross_entropy"):
@@ -105,6 +109,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("freezekern::linear_cross_entropy")
     def _lce_fake(h, weight, target, bias, softcap, ignore_index, reduce_sum, grad_h, grad_weight, grad_bias):
+        checks.linear_cross_entropy(h, weight, target, bias, softcap, reduce_sum, grad_weight, grad_bias)
         n, d = h.shape
         vocab = weight.shape[0]
 
@@ -117,6 +122,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("freezekern::linear_cross_entropy_backward")
     def _lce_backward_fake(h, weight, target, bias, lse, grad_rows, softcap, ignore_index, need_h, need_weight,
                            need_bias):
+        checks.linear_cross_entropy_backward(h, weight, target, bias, lse, grad_rows, softcap)
         n, d = h.shape
         vocab = weight.shape[0]
 

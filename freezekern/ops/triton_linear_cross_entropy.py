@@ -127,7 +127,7 @@ def _backward_kernel(
     w_ptr, stride_wv, stride_wd,
     b_ptr, t_ptr, lse_ptr, g_ptr,
     dx_ptr, dw_ptr, db_ptr,
-    N, D, V, ignore_index, softcap,
+    N, D, V, ignore_index, softcap, N_BIN,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
     NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -235,9 +235,9 @@ def _kernels(interpret: bool):
         prune_configs_by=prune,
     )(triton.jit(_forward_kernel, do_not_specialize=["N", "V", "V_PER_SPLIT", "ignore_index", "softcap", "N_BIN"]))
     backward = triton.autotune(
-        configs=_configs(interpret, _BACKWARD_SHAPES), key=["D", "V"], prune_configs_by=prune,
+        configs=_configs(interpret, _BACKWARD_SHAPES), key=["D", "V", "N_BIN"], prune_configs_by=prune,
         reset_to_zero=["dx_ptr", "dw_ptr", "db_ptr"],  # the accumulators, between timed runs
-    )(triton.jit(_backward_kernel, do_not_specialize=["N", "V", "ignore_index", "softcap"]))
+    )(triton.jit(_backward_kernel, do_not_specialize=["N", "V", "ignore_index", "softcap", "N_BIN"]))
     return forward, backward
 
 
@@ -327,7 +327,7 @@ def backward(h, weight, target, bias, lse, grad_rows, softcap, ignore_index, nee
         bias_c if bias_c is not None else dummy, target.contiguous(),
         lse.float().contiguous(), grad_rows.float().contiguous(),
         dx if dx is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-        n_rows, dim, vocab, int(ignore_index), float(softcap or 1.0),
+        n_rows, dim, vocab, int(ignore_index), float(softcap or 1.0), row_bin(n_rows),
         HAS_BIAS=bias_c is not None, HAS_CAP=softcap is not None,
         NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
         DOT_PRECISION=dot_precision(h.device, mm_dtype), DOT_FP32=interpret and mm_dtype == torch.bfloat16,

@@ -206,7 +206,7 @@ def profile(
             for label in order:
                 if label == CUT:
                     cut_handle = apply(model, k, train_head=facts.head_trains, train_final_norm=True, parts=parts,
-                                       frozen_adapters="freeze")
+                                       frozen_adapters="freeze", freeze_outside=True)
                 try:
                     with PeakMemory(device) if measure_memory else nullcontext() as memory:
                         recorder.begin_step()

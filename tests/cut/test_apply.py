@@ -543,3 +543,66 @@ def test_a_full_finetuning_plan_freezes_nothing():
     zero = apply(model, 0)  # a bare k = 0 is not full fine-tuning: the embeddings and the tied head freeze
     assert zero.cut and not model.model.embed_tokens.weight.requires_grad
     zero.remove()
+
+
+def test_trainable_tensors_outside_embeddings_blocks_and_head_are_refused_by_name():
+    model = _model()
+    model.model.projector = nn.Linear(8, 8)  # a VLM-style projector: trainable, outside every part the cut knows
+    with pytest.raises(ValueError, match=r"model\.projector\.weight.*freeze_outside=True"):
+        apply(model, 2)
+    assert all(p.requires_grad for p in model.parameters()) and active_handle(model) is None
+    handle = apply(model, 2, freeze_outside=True)
+    assert not model.model.projector.weight.requires_grad
+    moved = move_boundary(handle, 3)  # the choice is kept across moves
+    moved.remove()
+    assert model.model.projector.weight.requires_grad
+    model.model.projector.requires_grad_(False)  # frozen by the user: nothing to refuse
+    apply(model, 2).remove()
+
+
+def test_position_embeddings_are_part_of_the_frozen_embeddings():
+    model = _model("gpt2")
+    handle = apply(model, 2)
+    frozen = {id(p) for p in handle.frozen_parameters()}
+    assert id(model.transformer.wpe.weight) in frozen and id(model.transformer.wte.weight) in frozen
+    handle.remove()
+
+
+def test_calls_from_two_threads_keep_their_own_cut_state():
+    import threading
+
+    model = _model()
+    apply(model, 2)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    second_started, first_done, errors = threading.Event(), threading.Event(), []
+
+    def call():
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            if threading.current_thread().name == "first":
+                first_done.set()
+
+    second = threading.Thread(target=call, name="second")
+
+    # above the cut, the first call starts the second one and waits until it has begun (its per-call state
+    # set up); the second waits below its cut until the first call is done
+    def start_second(module, args):
+        if threading.current_thread().name == "first":
+            second.start()
+            second_started.wait(5)
+
+    def wait_for_first(module, args):
+        if threading.current_thread().name == "second":
+            second_started.set()
+            first_done.wait(5)
+
+    model.model.layers[4].register_forward_pre_hook(start_second)
+    model.model.layers[0].register_forward_pre_hook(wait_for_first)
+    first = threading.Thread(target=call, name="first")
+    first.start()
+    first.join()
+    second.join()
+    assert errors == []

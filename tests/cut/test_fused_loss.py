@@ -22,6 +22,7 @@ from freezekern import discover, tiny_model
 from freezekern.cut import apply, trainable_parameters
 from freezekern.cut.fused_loss import active_fused_loss, fused_loss
 from freezekern.model import parts as adapters
+from freezekern.ops import tolerance
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -276,6 +277,48 @@ def test_callback_installs_the_fused_loss_before_the_trainer_wraps_the_forward(t
     assert callback.state()["args"]["fused_loss"] is True  # a resumed callback keeps it
     assert callback.handle.fused_loss is None  # owned by the callback, untouched by boundary moves
 
+
+def test_evaluation_mode_returns_the_logits_and_the_models_own_loss():
+    model = _model()
+    reference = copy.deepcopy(model).eval()
+    batch = _batch(seed=8)
+    with fused_loss(model) as handle:
+        model.eval()
+        with torch.no_grad():
+            out, expected = model(**batch), reference(**batch)
+        assert handle.stats == {"fused": 0, "plain": 1}
+        torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+        assert out.loss.item() == expected.loss.item()
+        model.train()
+        assert model(**batch).logits is None and handle.stats["fused"] == 1
+
+
+def test_trainer_evaluate_with_compute_metrics_gets_logits(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from freezekern.integrations import FreezeKernCallback
+
+    def accuracy(prediction):
+        logits, labels = prediction.predictions, prediction.label_ids
+        assert logits is not None and logits.shape[-1] == V
+        counted = labels[:, 1:] != -100
+        return {"accuracy": float((logits[:, :-1].argmax(-1) == labels[:, 1:])[counted].mean())}
+
+    data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in (_batch(seed=s) for s in range(4))]
+    metrics = []
+    for fused in (True, False):
+        args = TrainingArguments(output_dir=str(tmp_path / str(fused)), max_steps=2, per_device_train_batch_size=2,
+                                 per_device_eval_batch_size=2, use_cpu=True, report_to=[], save_strategy="no")
+        callback = FreezeKernCallback(plan=freezekern.plan(discover(_model()).summary(), "fixed", boundary=2),
+                                      fused_loss=fused)
+        trainer = Trainer(model=_model(), args=args, train_dataset=data, eval_dataset=data, callbacks=[callback],
+                          compute_metrics=accuracy)
+        trainer.train()
+        metrics.append(trainer.evaluate())
+        assert not fused or callback.fused_loss_handle.stats["fused"] == 2
+    assert metrics[0]["eval_accuracy"] == metrics[1]["eval_accuracy"]  # a number, the same as without fused_loss
+    assert metrics[0]["eval_loss"] == pytest.approx(metrics[1]["eval_loss"], rel=1e-5)
+
 # ---------------------------------------------------------------- dtypes
 
 
@@ -285,10 +328,7 @@ def _fp32_copy(model):
 
 
 def _assert_flash_rule(low, ref_low, truth, what):
-    err = (low.double() - truth.double()).abs().max().item()
-    err_ref = (ref_low.double() - truth.double()).abs().max().item()
-    bound = 2 * err_ref + 1e-5 * truth.double().abs().max().item()
-    assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} (HF error {err_ref:.3g})"
+    tolerance.assert_within_rule(low, ref_low, truth, floor=0.0, what=what)
 
 
 def _check_low_precision(model, reference, truth, batch, ctx):

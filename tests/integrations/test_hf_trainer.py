@@ -272,7 +272,7 @@ def test_finetune_reports_compares_and_saves(tmp_path):
     assert fk["train_loss_last"] < fk["train_loss_first"]
     assert fk["trainable_params"] < full["trainable_params"]
     assert fk["tokens_per_s"] > 0 and fk["step_time_s"] > 0 and fk["peak_memory_mb"] is not None
-    assert report["comparison"]["speedup"] > 0
+    assert report["comparison"]["speedup"] == pytest.approx(full["step_time_s"] / fk["step_time_s"], rel=1e-12)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not model.is_activation_checkpointing
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "freezekern_plan.json").is_file()
@@ -337,6 +337,37 @@ def test_finetune_with_lora_merges_back(tmp_path):
                            after["model.layers.5.self_attn.q_proj.weight"])
     assert report["freezekern"]["trainable_params"] < 0.2 * sum(p.numel() for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "error"])
+def test_finetune_gives_the_model_back_after_a_failure(tmp_path, failure):
+    pytest.importorskip("peft")
+    from freezekern.cut import active_handle
+    from freezekern.trials.finetune import finetune
+
+    model = _model()
+    plan = make_plan(discover(model).summary(), "fixed", boundary=4)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # the caller's own flags come back as they were
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before, hooks = _snapshot(model), _hooks(model)
+    train = _ft_batches(2, 0)
+    if failure == "interrupt":
+        _Interrupting.armed = True
+        train[0] = _Interrupting(train[0])
+    else:
+        train[0] = {**train[0], "input_ids": train[0]["input_ids"] + 10_000}  # out of the vocabulary
+    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else IndexError):
+        finetune(model, None, train, _ft_batches(1, 1), plan, steps=2, lr=1e-2, lora=True,
+                 gradient_checkpointing=True, progress=False, output_dir=tmp_path)
+    after = _snapshot(model)
+    assert set(after) == set(before) and all(torch.equal(before[n], after[n]) for n in before)  # no adapters
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert _hooks(model) == hooks and not model.is_gradient_checkpointing and active_handle(model) is None
+    assert "forward" not in model.model.embed_tokens.__dict__
 
 
 def test_resume_from_a_checkpoint_elsewhere_restores_the_plan_from_trainer_state(tmp_path):

@@ -10,13 +10,15 @@ of the PyTorch reference at the same dtype, plus a small tolerance of about
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 
 import pytest
 import torch
 
 from freezekern import ops
-from freezekern.ops import dispatch, native
+from freezekern.ops import dispatch, native, tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPS = ("cosine_deviation", "linear_cross_entropy")
@@ -74,12 +76,7 @@ def assert_within_rule(native_out, ref_out, truth, *, rel=1e-5):
     ref = ref_out.detach().cpu().double()
     truth = truth.detach().cpu().double()
     assert torch.isfinite(got).all(), "native result is not finite"
-    if truth.numel() == 0:
-        return
-    err_native = (got - truth).abs().max().item()
-    err_ref = (ref - truth).abs().max().item()
-    bound = 2.0 * err_ref + rel * (1.0 + truth.abs().max().item())
-    assert err_native <= bound, f"native error {err_native:.3g} > bound {bound:.3g} (reference error {err_ref:.3g})"
+    tolerance.assert_within_rule(got, ref, truth, rel=rel, floor=rel, what="native")
 
 
 # ---------------------------------------------------------------- inputs
@@ -279,15 +276,12 @@ def test_torch_compile_fullgraph_cpu():
     def f(h, weight, target, nw):
         return ops.logit_lens_deviation(h, weight, target, norm="rms", norm_weight=nw, impl="native") * 2.0
 
+    compiler = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    if compiler is None or shutil.which(compiler) is None:
+        pytest.skip("torch.compile's C++ backend needs a C++ compiler; none is installed")
     torch._dynamo.reset()
-    try:
-        compiled = torch.compile(f, fullgraph=True)
-        got = compiled(h, weight, target, nw)
-    except Exception as exc:  # noqa: BLE001
-        msg = str(exc)
-        if any(s in msg for s in ("InvalidCxxCompiler", "CppCompileError", "No such file", "gcc", "g++")):
-            pytest.xfail(f"torch.compile cannot compile C++ on this machine: {msg.splitlines()[0]}")
-        raise
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(h, weight, target, nw)
     expected = f(h, weight, target, nw)
     torch.testing.assert_close(got, expected)
 

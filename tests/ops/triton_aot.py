@@ -72,7 +72,7 @@ def _lce_cases():
                     else:
                         signature.update({"lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": "*fp32",
                                           "db_ptr": "*fp32", "N": "i32", "D": "i32", "V": "i32",
-                                          "ignore_index": "i32", "softcap": "fp32"})
+                                          "ignore_index": "i32", "softcap": "fp32", "N_BIN": "i32"})
                         constexprs.update(NEED_H=True, NEED_W=need_w, NEED_B=need_w)
                     yield {"kernel": kernel, "x": x, "w": w, "precision": precision, "softcap": cap,
                            "need_w": need_w, **config.kwargs, "constexprs": constexprs, "signature": signature,

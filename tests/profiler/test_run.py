@@ -1,6 +1,7 @@
 """freezekern.profile: where the backward of a setup goes, measured with hooks, beside freezekern's cut."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -141,7 +142,9 @@ def test_plain_freezing_under_checkpointing_reaches_block_1_and_the_cut_stops(re
     assert all(r.forward_s > 0 for r in cut.parts[blocks])
     assert "down to the embedding output" in report.verdict and "differentiated for nothing" in report.verdict
     assert "freezekern's cut at k=3 (backward stops at block 4)" in report.verdict
-    assert len(yours.step_s) == 2 and report.time_ratio > 0 and report.memory_kind
+    assert len(yours.step_s) == 2 and report.memory_kind
+    paired = statistics.median(c / y for c, y in zip(cut.step_s, yours.step_s))
+    assert report.time_ratio == pytest.approx(paired, rel=1e-12)  # the median of each round's own two steps
 
 
 def test_the_ideal_is_cost_py_over_the_measured_parts(gc_profiled):
@@ -153,8 +156,6 @@ def test_the_ideal_is_cost_py_over_the_measured_parts(gc_profiled):
     assert not plain.cut and plain.backward_floor == 0
     assert report.ideal == step_cost_parts(costs, cut)
     assert report.yours.modeled == step_cost_parts(costs, plain)
-    # priced with the least time of each part, all of which every step of the cut ran one after another
-    assert report.ideal["total"] <= min(report.freezekern.step_s)
     assert costs.block_recompute is not None and costs.block_weight_grad[:K] == (0.0,) * K
     # the cut's modeled step drops the frozen blocks' backward and recomputation: strictly cheaper
     assert report.ideal["backward"] < report.yours.modeled["backward"]
