@@ -97,10 +97,10 @@ def test_bench_finds_every_suite(capfd):
 def test_bench_from_an_installed_package_says_where_the_suites_live(tmp_path, monkeypatch, capfd):
     from pathlib import Path
 
-    import freezekern.cli as cli
+    import freezekern.cli.commands as cli
 
     checkout = Path(__file__).resolve().parent.parent / "benchmarks"
-    installed = tmp_path / "site-packages" / "freezekern" / "cli.py"  # no benchmarks/ beside an installed package
+    installed = tmp_path / "site-packages" / "freezekern" / "cli" / "commands.py"  # no benchmarks/ beside it
     monkeypatch.setattr(cli, "__file__", str(installed))
     monkeypatch.delenv("FREEZEKERN_BENCHMARKS", raising=False)
     monkeypatch.chdir(tmp_path)
