@@ -26,7 +26,7 @@ setup() {
         echo "== installing torch==2.13.0 (CPU build)"
         "$PY" -m pip install -q "torch==2.13.0"
     fi
-    if ! "$PY" -c "import freezekern, pytest, transformers, triton, peft, gguf" 2>/dev/null \
+    if ! "$PY" -c "import freezekern, pytest, transformers, triton, peft, gguf, importlib.util as u; assert u.find_spec('deepspeed')" 2>/dev/null \
         || [ pyproject.toml -nt "$VENV/.freezekern-installed" ] || [ setup.py -nt "$VENV/.freezekern-installed" ] \
         || [ -n "$(find csrc -newer "$VENV/.freezekern-installed" -type f 2>/dev/null | head -1)" ] \
         || [ ! -f "$VENV/.freezekern-installed" ]; then

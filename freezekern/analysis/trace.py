@@ -185,13 +185,16 @@ def analyze(
     ridge: float | None = None,
     progress: bool = True,
     model_id: str | None = None,
+    full_forward: bool = False,
 ) -> DeviationTrace:
     """Trace the mean deviation of every latent space h_0..h_L over ``batches``.
 
     ``batches``: an iterable of LongTensor [B, T] token ids, or of mappings with
     ``input_ids`` [B, T] and optional ``attention_mask`` [B, T] and ``labels``
     [B, T] (-100 = ignored, HF convention: shifted inside). Returns a
-    DeviationTrace whose ``deviations[k]`` is D_k.
+    DeviationTrace whose ``deviations[k]`` is D_k. The forward stops after
+    the last block unless ``full_forward`` (engines whose module hooks must see
+    every forward finish, e.g. FSDP2's root unit: the head then runs too).
     """
     from tqdm.auto import tqdm
 
@@ -208,7 +211,7 @@ def analyze(
     def make_on_output(k: int):
         def on_output(module, args, output):
             reducer(block_output_hidden(output), state["batch_sums"][k])
-            if k == num_layers:
+            if k == num_layers and not full_forward:
                 raise _StopForward
 
         return on_output

@@ -54,7 +54,7 @@ prefix (``frozen_adapters="refuse"``, the default; ``"freeze"`` freezes them),
 trainable tensors outside the embeddings, the blocks, the final norm and the
 head, which the cut could not train (``freeze_outside=True`` freezes them),
 parameters shared between the prefix and the trained part, a model already
-wrapped in DistributedDataParallel, and at forward time a model whose blocks
+wrapped in DistributedDataParallel or FSDP1, and at forward time a model whose blocks
 are not called through their module call or whose block k+1 receives no
 hidden-state tensor.
 
@@ -75,6 +75,7 @@ from freezekern.cut.handle import _HANDLE_ATTR, FreezeHandle, active_handle
 from freezekern.cut.hooks import (
     _INNER_ATTR,
     _STATE_ATTR,
+    FSDP1_REFUSAL,
     _CutState,
     _graph_free_forward,
     _make_call_hook,
@@ -137,6 +138,8 @@ def _check_not_wrapped(model: nn.Module) -> None:
             f"apply() got a {type(model).__name__}: apply the plan to the bare model before wrapping it "
             "(DDP records which parameters require grad when it is built)"
         )
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(FSDP1_REFUSAL)
 
 
 def apply(
@@ -246,6 +249,7 @@ def apply(
             p.requires_grad_(False)
             p.grad = None
             handle._changed_flags.append(p)
+            handle._changed_names.append(names.get(id(p)))
         for module in [embedding, *parts.blocks[:k]]:
             _wrap_forward(handle, module, state)
         own_hooks: set[int] = set()
@@ -257,7 +261,7 @@ def apply(
         if k < num_layers:
             cut_block = parts.blocks[k]
             handle._hooks.append(
-                cut_block.register_forward_pre_hook(_make_cut_hook(state, k), with_kwargs=True)
+                cut_block.register_forward_pre_hook(_make_cut_hook(state, k, handle), with_kwargs=True)
             )
             check = _make_check(state, parts, model)
             handle._hooks.append(parts.blocks[-1].register_forward_hook(lambda module, args, out: check()))

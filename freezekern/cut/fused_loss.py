@@ -23,7 +23,10 @@ Gradients: the head's weight gradient is computed only when the weight
 requires grad; a frozen head (freezekern's default for tied embeddings) costs
 its input gradient only. Gradient checkpointing, PEFT adapters on the blocks,
 tied embeddings, DDP (apply before wrapping), the Trainer's gradient
-accumulation, autocast and bf16 work as with the original forward.
+accumulation, autocast and bf16 work as with the original forward. Under
+DeepSpeed ZeRO-3 and FSDP2 (``fully_shard`` on the head) the loss runs as the
+head module's forward for that call, so the engine gathers the head exactly
+while the loss and its backward need it (see ``_through_sharded_head``).
 
 Refused, with the reason: a family not in ``HEADS`` or a *ForCausalLM of
 another class than the one its entry describes (its logits could be built
@@ -45,7 +48,7 @@ import types
 import torch
 from torch import nn
 
-from freezekern.model.parts import HEADS, ModelParts, discover
+from freezekern.model.parts import HEADS, ModelParts, discover, full_shape
 from freezekern.model.peft import unwrap_peft
 from freezekern.ops import linear_cross_entropy
 
@@ -182,8 +185,9 @@ def fused_loss(model: nn.Module, *, parts: ModelParts | None = None, impl: str =
                    signature=inspect.signature(type(base).forward), impl=impl, softcap=softcap)
     base.__dict__[_STATE_ATTR] = state
     base.forward = types.MethodType(_with_signature(type(base).forward), base)
+    vocab, dim = full_shape(head.weight)
     logger.info("fused LM-head loss on %s (V=%d, D=%d, softcap=%s, logit scale=%s)", type(base).__name__,
-                head.weight.shape[0], head.weight.shape[1], softcap, parts.logit_scale)
+                vocab, dim, softcap, parts.logit_scale)
     return FusedLossHandle(model, state)
 
 
@@ -255,9 +259,13 @@ def _fused_forward(self, *args, **kwargs):
         )
     outputs = state.backbone(**arguments, **extra)
     hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
-    loss = causal_lm_loss(hidden, labels, state.parts, softcap=state.softcap, shift_labels=extra.get("shift_labels"),
-                          ignore_index=extra.get("ignore_index", _IGNORE_INDEX),
-                          num_items_in_batch=extra.get("num_items_in_batch"), impl=state.impl)
+
+    def loss_of(h):
+        return causal_lm_loss(h, labels, state.parts, softcap=state.softcap, shift_labels=extra.get("shift_labels"),
+                              ignore_index=extra.get("ignore_index", _IGNORE_INDEX),
+                              num_items_in_batch=extra.get("num_items_in_batch"), impl=state.impl)
+
+    loss = _through_sharded_head(state.parts.lm_head, hidden, loss_of)
     state.stats["fused"] += 1
     fields = {}
     for f in dataclasses.fields(state.output_type):
@@ -265,6 +273,38 @@ def _fused_forward(self, *args, **kwargs):
             value = outputs[f.name] if isinstance(outputs, dict) and f.name in outputs else None
             fields[f.name] = value
     return state.output_type(loss=loss, logits=None, **fields)
+
+
+def _through_sharded_head(head: nn.Module, hidden: torch.Tensor, loss_of):
+    """``loss_of(hidden)``, run as the LM head module's forward when an engine holds the head sharded.
+
+    DeepSpeed ZeRO-3 (partitioned parameters) and FSDP2 (``fully_shard`` on the
+    head) gather a module's parameters in its forward hooks and again for its
+    backward: calling the head module, with its forward standing in for the
+    fused loss for this one call, makes them gather the head exactly while the
+    loss and its gradients need it. An unsharded head is read directly.
+    """
+    params = list(head.parameters(recurse=False))
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    fsdp2 = type(head).__name__.startswith("FSDP") and hasattr(head, "unshard")
+    if not zero3 and not fsdp2:
+        if any(callable(getattr(p, "full_tensor", None)) for p in params):
+            raise RuntimeError(
+                "fused_loss: the LM head weight is a sharded DTensor outside any FSDP2 unit that gathers it "
+                "(FSDP2 with the head sharded by a parent unit that is not unsharded now); fully_shard the head "
+                "with the root or on its own (fully_shard(model.lm_head)), or train without fused_loss"
+            )
+        return loss_of(hidden)
+    had_own = "forward" in head.__dict__
+    previous = head.__dict__.get("forward")
+    head.forward = loss_of
+    try:
+        return head(hidden)
+    finally:
+        if had_own:
+            head.forward = previous
+        else:
+            del head.__dict__["forward"]
 
 
 def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, parts: ModelParts, *, softcap: float | None = None,

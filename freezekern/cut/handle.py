@@ -37,6 +37,8 @@ class FreezeHandle:
         self.active = True
         self._state = state
         self._changed_flags: list[nn.Parameter] = []
+        self._changed_names: list[str | None] = []  # the same parameters by name (sharding replaces the objects)
+        self._undo: list = []  # callables undoing engine settings made at forward time (FSDP2 prefetch)
         self._wrapped: list[tuple[nn.Module, bool]] = []  # (module, had its own instance forward)
         self._hooks: list = []
         self._frozen_adapters: list[str] = []
@@ -45,8 +47,15 @@ class FreezeHandle:
 
     # -- what it did -------------------------------------------------------------------------
     def frozen_parameters(self) -> list[nn.Parameter]:
-        """Parameters this handle switched to requires_grad=False."""
-        return list(self._changed_flags)
+        """Parameters this handle switched to requires_grad=False (the model's current objects: after
+        FSDP2's ``fully_shard`` the sharded parameters of the same names)."""
+        return [now for _, now in self._resolved_flags()]
+
+    def _resolved_flags(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(parameter frozen at apply, the model's parameter of that name now) pairs."""
+        current = dict(self.model.named_parameters(remove_duplicate=False))
+        return [(p, current.get(name, p) if name is not None else p)
+                for p, name in zip(self._changed_flags, self._changed_names)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model)
@@ -168,9 +177,14 @@ class FreezeHandle:
             else:
                 del module.__dict__["forward"]
         self._wrapped.clear()
-        for p in self._changed_flags:
-            p.requires_grad_(True)
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
+        for then, now in self._resolved_flags():
+            then.requires_grad_(True)
+            now.requires_grad_(True)
         self._changed_flags.clear()
+        self._changed_names.clear()
         for owner in (self.parts.blocks, self.model):
             if owner.__dict__.get(_HANDLE_ATTR) is self:
                 del owner.__dict__[_HANDLE_ATTR]

@@ -17,10 +17,17 @@ from torch import nn
 
 from freezekern.cut.call_inputs import READS_PREFIX, call_input_ids
 from freezekern.cut.source import BoundarySource
+from freezekern.model.engines import stop_backward_prefetch_below
 from freezekern.model.parts import ModelParts, block_hidden_input, with_block_hidden_input
 from freezekern.model.training import checkpoint_kind
 
 logger = logging.getLogger("freezekern.cut")
+
+FSDP1_REFUSAL = (
+    "freezekern does not cut FSDP1 (FullyShardedDataParallel) models: its wrappers replace the blocks and their "
+    "flat parameters mix frozen and trained tensors. Use FSDP2: apply(model, plan), then fully_shard(block) for "
+    "each block and fully_shard(model) (accelerate: fsdp_version: 2)"
+)
 
 _STATE_ATTR = "_freezekern_state"
 _INNER_ATTR = "_freezekern_inner_forward"
@@ -228,6 +235,8 @@ def _make_start_hook(state: _CutState, parts: ModelParts):
             a is not b for a, b in zip(blocks, state.recorded_blocks)
         ):
             found = ", ".join(type(b).__name__ for b in blocks[: state.boundary + 1])
+            if "FullyShardedDataParallel" in found:
+                raise RuntimeError(FSDP1_REFUSAL)
             raise RuntimeError(
                 f"the blocks of '{parts.blocks_path}' were replaced after the freeze plan was applied (found {found}); "
                 "wrap the blocks first (activation checkpointing wrappers, FSDP), then apply the plan"
@@ -237,9 +246,16 @@ def _make_start_hook(state: _CutState, parts: ModelParts):
     return start_of_forward
 
 
-def _make_cut_hook(state: _CutState, k: int):
+def _make_cut_hook(state: _CutState, k: int, handle):
+    configured: list[bool] = []
+
     def cut(module, args, kwargs):
         state.cut_seen = True
+        if not configured:  # the block may have been sharded (FSDP2) after apply: look once, at its first call
+            configured.append(True)
+            undo = stop_backward_prefetch_below(module)
+            if undo is not None:
+                handle._undo.append(undo)
         hidden, in_args = block_hidden_input(args, kwargs)
         if hidden is None:
             state.reset_call()

@@ -6,27 +6,34 @@ import logging
 
 from freezekern.cut.freeze import _as_plan, _check_boundary, _check_plan_fits, apply
 from freezekern.cut.handle import FreezeHandle, trainable_parameters
+from freezekern.model.engines import check_can_stop_updating, stop_updating
 
 logger = logging.getLogger("freezekern.cut")
 
 
-def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeHandle:
+def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None, model=None) -> FreezeHandle:
     """Move an applied boundary deeper (never shallower); returns the new handle.
 
-    Everything is checked before anything changes: a bad k, a shallower k or
-    a plan for another model raises and leaves the old boundary applied. If
+    Everything is checked before anything changes: a bad k, a shallower k, a
+    plan for another model or an engine that cannot stop updating parameters
+    mid-run (DeepSpeed ZeRO) raises and leaves the old boundary applied. If
     applying the new boundary fails anyway, the old one is applied again
-    before the error propagates. Parameters that become frozen lose their
-    ``.grad`` and, when ``optimizer`` is given (a torch optimizer, or a wrapper
-    with ``.optimizer``), their optimizer state (Adam moments); they stay in
-    its parameter groups, where a parameter without a gradient is skipped, so
-    saved optimizer states keep their layout. Adapters inside newly frozen
-    blocks are frozen too. A boundary source with a ``moved(new_handle)``
+    before the error propagates. Parameters that become frozen go through
+    ``freezekern.model.engines.stop_updating(params, optimizer, model)``:
+    they lose their ``.grad`` and, when ``optimizer`` is given (a torch
+    optimizer, or a wrapper with ``.optimizer``), their optimizer state (Adam
+    moments); they stay in its parameter groups, where a parameter without a
+    gradient is skipped, so saved optimizer states keep their layout. ``model``:
+    the model as the engine wrapped it when that is not ``handle.model`` (a
+    ``DistributedDataParallel``, whose reducer is then rebuilt over the
+    parameters still trained; a DeepSpeedEngine, refused). Adapters inside newly
+    frozen blocks are frozen too. A boundary source with a ``moved(new_handle)``
     method is told about the new handle.
     """
     if not handle.active:
         raise RuntimeError("this FreezeHandle was already removed; apply() a plan instead")
     plan, k = _as_plan(plan_or_k)
+    engine_model = model if model is not None else handle.model
     model, parts, train_head, train_norm = handle.model, handle.parts, handle.train_head, handle.train_final_norm
     if plan is not None:
         _check_plan_fits(model, parts, plan)
@@ -38,6 +45,7 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeH
         raise ValueError(f"the boundary only moves deeper: {handle.boundary} -> {k} would unfreeze blocks")
     if handle.cut and k == handle.boundary and plan is None:
         return handle
+    check_can_stop_updating(optimizer, engine_model)
     before = {id(p) for p in trainable_parameters(model)}
     source = handle.boundary_source
     old_plan = handle.plan if handle.plan is not None else handle.boundary
@@ -64,11 +72,7 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None) -> FreezeH
         raise
     new.fused_loss = fused
     newly_frozen = [p for p in model.parameters() if id(p) in before and not p.requires_grad]
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for p in newly_frozen:
-        p.grad = None
-        if inner is not None:
-            inner.state.pop(p, None)
+    stop_updating(newly_frozen, optimizer, engine_model)
     if source is not None and hasattr(source, "moved"):
         source.moved(new)
     logger.info("boundary moved %d -> %d: %d parameter tensors newly frozen", handle.boundary, new.boundary,

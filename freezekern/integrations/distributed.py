@@ -22,27 +22,42 @@ Apply the plan to the bare model *before* wrapping it:
 DDP registers the parameters that require grad when it is built; the frozen
 prefix is then simply not part of its buckets, nothing is all-reduced for it,
 and the truncated backward produces a gradient for every parameter DDP knows.
-Moving the boundary later (``reselect_every``) changes that set: it needs
-``find_unused_parameters=True`` (Trainer: ``ddp_find_unused_parameters=True``)
-or rebuilding DDP.
+Moving the boundary later: ``move_boundary(handle, k, optimizer=opt,
+model=ddp_model)`` rebuilds DDP's reducer over the parameters still trained
+(``freezekern.model.engines.stop_updating``), so no
+``find_unused_parameters`` is needed either.
 
-FSDP
-----
-* Apply the plan before sharding, so the flags are on the original parameters.
-* FSDP1 (``FullyShardedDataParallel``): ``use_orig_params=True`` (flat
-  parameters mixing frozen and trained tensors are otherwise refused) and an
-  auto-wrap policy that puts each decoder block in its own unit, e.g.
-  ``transformer_auto_wrap_policy`` with the block class. Frozen blocks then
-  form whole units that are all-gathered for the forward and never take part
-  in the reduce-scatter of gradients. Wrap the embedding with the prefix (or
-  leave it in the root unit); never mix a frozen block and a trained block in
-  one unit.
-* FSDP2 (``fully_shard``): call ``fully_shard`` on each block, then on the
-  root. freezekern's per-instance forward wrapper and the boundary pre-hook
-  run alongside FSDP2's own module hooks; FSDP2's class swap keeps them.
-* Activation checkpointing wrappers (``apply_activation_checkpointing``)
-  replace the blocks in their ModuleList: wrap first, then apply the plan (a
-  forward after blocks were replaced under an applied plan raises).
+DeepSpeed ZeRO-1/2/3
+--------------------
+The boundary must be fixed before ``deepspeed.initialize`` (the Trainer's
+``FreezeKernCallback()`` decides at Trainer init): ZeRO's fp32 partitions hold
+only the trainable parameters then. Moving it later is refused
+(``engines.stop_updating``). Under ZeRO-3 the trace gathers each block's
+partitions around its own forward and the LM head for the semantic basis.
+
+FSDP2
+-----
+Apply the plan, then ``fully_shard`` each block and the root:
+
+    handle = freezekern.cut.freeze.apply(model, plan)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+Frozen blocks run graph-free, so they are all-gathered for the forward and
+never take part in the backward or the reduce-scatter; the cut block does not
+prefetch the frozen block below it in backward (``engines.stop_backward_prefetch_below``,
+set at its first forward). ``handle.remove()`` finds the sharded parameters by
+name. The fused loss runs as the LM head's forward when the head is its own
+FSDP2 unit (the engine gathers it exactly while needed).
+
+FSDP1 (``FullyShardedDataParallel``) is refused, by ``apply`` and at the first
+forward: its wrappers replace the blocks the cut hooks and its flat parameters
+mix frozen and trained tensors. Use FSDP2 (accelerate: ``fsdp_version: 2``).
+
+Activation checkpointing wrappers (``apply_activation_checkpointing``)
+replace the blocks in their ModuleList: wrap first, then apply the plan (a
+forward after blocks were replaced under an applied plan raises).
 """
 
 from __future__ import annotations

@@ -11,14 +11,29 @@ When applied
   ``Trainer.__init__`` (``on_init_end``), before the Trainer builds its
   optimizer or wraps the model in DDP. The optimizer then holds only the
   trainable parameters and DDP needs no ``find_unused_parameters``.
-* otherwise: at ``on_train_begin``, after analysing the first
+* otherwise, under an engine (torch.distributed with more than one process:
+  DDP; DeepSpeed ZeRO-1/2/3; FSDP): also at ``on_init_end``, after analysing
+  the first ``calibration_batches`` batches of the Trainer's training set
+  (its ``train_dataset`` read through its data collator with the columns the
+  model does not take removed, as the train dataloader would, in order, each
+  rank its strided share, without touching the training sampler or RNG). The
+  engine then builds its optimizer, partitions and gradient buckets over the
+  trainable parameters only, so frozen weights never change (weight decay
+  included). Callbacks get no reference to their Trainer: the callback finds
+  it on the call stack of ``Trainer.__init__``. Under ZeRO-3 the trace gathers
+  each block's parameters around its own forward and the LM head for the
+  semantic basis (``freezekern.model.engines``); FSDP2 DTensors are
+  read with ``full_tensor()``. Every rank runs the same number of forwards and
+  plans from the merged trace, so the boundary is the same everywhere.
+* otherwise (one process): at ``on_train_begin``, after analysing the first
   ``calibration_batches`` batches of the training set (read through the
-  train dataloader's dataset and collator, in order, without touching the
-  training sampler or RNG). The Trainer has built its optimizer by then; the
-  frozen parameters stay in it without gradients, which PyTorch optimizers
-  skip (no state is ever created for them). Under DDP this path needs
-  ``ddp_find_unused_parameters=True`` (refused otherwise, with that advice):
-  pass ``plan=`` to avoid it.
+  train dataloader's dataset and collator). The Trainer has built its
+  optimizer by then; the frozen parameters stay in it without gradients,
+  which PyTorch optimizers skip (no state, no weight decay). If the Trainer
+  could not be found at init under DDP, the DDP reducer is rebuilt over the
+  trained parameters (or, without the Trainer's DDP wrapper at hand,
+  ``ddp_find_unused_parameters=True`` is required); under DeepSpeed this
+  late path is refused before training starts, naming the fix.
 
 Checkpoints and resume
 ----------------------
@@ -43,6 +58,11 @@ that the cut skips) with one warning that names
 
 Progressive freezing
 --------------------
+Under DDP the reducer is rebuilt over the parameters still trained at each
+move (``freezekern.model.engines.stop_updating``); under DeepSpeed
+ZeRO ``reselect_every`` is refused at ``on_train_begin`` (ZeRO's flat fp32
+partitions would keep updating newly frozen blocks).
+
 ``reselect_every=N`` re-traces the most recent training batch every N steps
 (a forward without the LM head; with the cosine metric the semantic basis
 of a frozen head is reused between traces), re-plans with the same policy and moves the
@@ -58,10 +78,13 @@ one see (reporting integrations registered before it do not).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import random
+import types
 import warnings
+import weakref
 from itertools import islice
 
 import torch
@@ -71,6 +94,16 @@ from transformers.trainer_callback import ExportableState
 from freezekern.analysis.trace import DeviationTrace, analyze
 from freezekern.cut import FreezeHandle, MovingBoundary, active_handle, apply, move_boundary
 from freezekern.integrations.distributed import agree_on_boundary, agree_on_plan, is_distributed, merge_traces
+from freezekern.model.engines import (
+    EngineRefusal,
+    check_can_stop_updating,
+    engine_name,
+    full_head,
+    gathered_blocks,
+    is_fsdp2,
+    reshard_fsdp2,
+    stop_updating,
+)
 from freezekern.policy.moving import moving_plan, schedule_of
 from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, FreezePlan
 from freezekern.policy.rules import plan as make_plan
@@ -93,11 +126,12 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     training forwards with labels, see ``freezekern.cut.fused_loss``) at init, once, kept
     across boundary moves (``fused_loss_handle``);
     ``policy_kwargs`` (e.g. ``{"boundary": 3}`` for policy "fixed") to
-    ``freezekern.plan``. ``plan`` may be a FreezePlan, its dict form or an int
-    boundary. ``moving=True`` (or a dict of ``MovingSchedule`` settings:
-    ``start``, ``begin``, ``finish``, ``settle``) moves the boundary with
-    training: shallow early, the plan's boundary by ``finish`` of the run;
-    the run's length (``max_steps``, or the epochs' steps) makes the schedule
+    ``freezekern.plan``. ``plan`` may be a FreezePlan, its dict form, or an
+    int k (the boundary; made into policy "fixed"'s plan for the model at init).
+    ``moving=True`` (or a dict of ``MovingSchedule`` settings: ``start``,
+    ``begin``, ``finish``, ``settle``) moves the boundary with training:
+    shallow early, the plan's boundary by ``finish`` of the run; the run's
+    length (``max_steps``, or the epochs' steps) makes the schedule
     budget-aware (``freezekern.policy.moving_plan``; the plan says why). A
     plan made by ``moving_plan`` moves by itself.
     ``budget`` is the deprecated name of ``trained_share``.
@@ -105,7 +139,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
 
     def __init__(
         self,
-        plan: FreezePlan | dict | None = None,
+        plan: FreezePlan | dict | int | None = None,
         policy: str = DEFAULT_POLICY,
         metric: str = "cosine",
         trained_share: float | None = None,
@@ -132,6 +166,13 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             raise ValueError(f"calibration_batches must be at least 1, got {calibration_batches}")
         if frozen_adapters not in (None, "freeze", "refuse"):
             raise ValueError(f"frozen_adapters must be None, 'freeze' or 'refuse', got {frozen_adapters!r}")
+        self._fixed_boundary: int | None = None  # plan=k: planned for the model once it is known
+        if isinstance(plan, bool) or not isinstance(plan, (FreezePlan, dict, int, type(None))):
+            raise TypeError(f"plan must be a FreezePlan, its dict form or an int boundary, got {type(plan).__name__}")
+        if isinstance(plan, int):
+            if plan < 0:
+                raise ValueError(f"plan=k needs a boundary k >= 0, got {plan}")
+            self._fixed_boundary, plan = int(plan), None
         if moving and reselect_every:
             raise ValueError("moving=... and reselect_every=... both move the boundary: choose one")
         if not isinstance(moving, (bool, dict)):
@@ -158,8 +199,20 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         self._applied_at_init = False
         self._last_batch: dict | None = None
         self._batch_hook = None
+        self._trainer = None  # weakref to the Trainer, found at init (for its engine-wrapped model)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _plan_fixed_boundary(self, model) -> None:
+        """``plan=k``: the "fixed" policy's plan for ``model`` (refuses a k outside [0, L])."""
+        if self.plan is not None or self._fixed_boundary is None:
+            return
+        from freezekern.model.parts import discover
+        from freezekern.model.peft import unwrap_peft
+
+        kwargs = {"train_head": self.train_head} if self.train_head is not None else {}
+        summary = discover(unwrap_peft(model)[0]).summary()
+        self.plan = make_plan(summary, "fixed", boundary=self._fixed_boundary, **kwargs)
+
     def _make_plan(self, trace: DeviationTrace) -> FreezePlan:
         kwargs = dict(self.policy_kwargs)
         if self.train_head is not None:
@@ -167,8 +220,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         return make_plan(trace, self.policy, trained_share=self.trained_share, **kwargs)
 
     def _analyse(self, model, batches) -> FreezePlan:
-        trace = analyze(model, batches, self.metric, progress=False)
-        trace = merge_traces(trace)
+        trace = merge_traces(_trace(model, batches, self.metric))
         self.trace = trace
         self.analysed = True
         new_plan = agree_on_plan(self._make_plan(trace), trace.parameter_counts)
@@ -238,9 +290,23 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
                 return FreezePlan.load(path), folder
         return None, None
 
-    def _check_ddp_after_wrap(self, args, model, why: str) -> None:
-        if not is_distributed():
-            return
+    def _wrapped_model(self, model):
+        """The model as the Trainer's engine wrapped it (DDP, DeepSpeedEngine), else ``model``."""
+        trainer = self._trainer() if self._trainer is not None else None
+        wrapped = getattr(trainer, "model_wrapped", None)
+        return wrapped if wrapped is not None else model
+
+    def _check_ddp_after_wrap(self, args, model, why: str, optimizer=None) -> None:
+        engine = engine_name(self._wrapped_model(model), optimizer)
+        if engine is not None and engine.startswith("DeepSpeed"):
+            raise EngineRefusal(
+                f"freezekern would {why} after {engine} built its optimizer over every parameter; its flat fp32 "
+                "partitions would keep applying Adam and weight decay to the frozen ones. Let the callback decide "
+                "at Trainer init (create the Trainer with FreezeKernCallback() in callbacks=, so it can read the "
+                "train dataset), or pass FreezeKernCallback(plan=...) or calibration_data=..."
+            )
+        if engine in ("DDP", "FSDP2") or not is_distributed():
+            return  # DDP: the reducer is rebuilt (engines.stop_updating); FSDP2 follows requires_grad
         find_unused = args.ddp_find_unused_parameters
         if find_unused is None:
             checkpointing = bool(getattr(model, "is_activation_checkpointing", False)) or bool(
@@ -259,8 +325,16 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             return
         if self.fused_loss:
             self._install_fused_loss(model)
+        self._plan_fixed_boundary(model)
+        trainer = _find_trainer(self)
+        if trainer is not None:
+            self._trainer = weakref.ref(trainer)
         if self.plan is None and self.calibration_data is not None:
             self.plan = self._analyse(model, self.calibration_data)
+        elif self.plan is None and trainer is not None and _under_engine(trainer) \
+                and getattr(trainer, "train_dataset", None) is not None:
+            batches = _trainer_calibration_batches(trainer, self.calibration_batches)
+            self.plan = self._analyse(model, batches)
         if self.plan is not None:
             self._apply(model, self._early_plan(self.plan))
             self._applied_at_init = True
@@ -271,6 +345,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         restored = None
         if isinstance(self.plan, dict):  # restored by the Trainer from trainer_state.json
             self.plan = FreezePlan.from_dict(self.plan)
+        self._plan_fixed_boundary(model)
         self.moves = [tuple(m) for m in self.moves]
         if state.global_step > 0:
             restored, folder = self._checkpoint_plan(args, state)
@@ -292,26 +367,44 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             if current is not None and current.boundary == restored.boundary:
                 self.handle, self.plan = current, restored
             elif current is not None and current.cut and restored.cut and restored.boundary > current.boundary:
-                self._check_ddp_after_wrap(args, model, "freeze more parameters")
-                self.handle, self.plan = move_boundary(current, restored, optimizer=optimizer), restored
+                self._check_ddp_after_wrap(args, model, "freeze more parameters", optimizer)
+                self.handle = move_boundary(current, restored, optimizer=optimizer,
+                                            model=self._wrapped_model(model))
+                self.plan = restored
             else:
-                self._check_ddp_after_wrap(args, model, "change the frozen parameters")
+                if current is not None and current.active and engine_name(self._wrapped_model(model), optimizer):
+                    raise EngineRefusal(
+                        f"the checkpoint's boundary k={restored.boundary} would unfreeze parameters that "
+                        f"{engine_name(self._wrapped_model(model), optimizer)} and the optimizer were built "
+                        f"without (boundary k={current.boundary} applied at init); resume with "
+                        "FreezeKernCallback(plan=FreezePlan.load('<checkpoint>/freezekern_plan.json'))"
+                    )
+                self._check_ddp_after_wrap(args, model, "change the frozen parameters", optimizer)
                 self._apply(model, restored)
+                self._after_late_freeze(model, optimizer)
         elif self.handle is None or not self.handle.active:
             if self.plan is None:
                 if train_dataloader is None:
                     raise RuntimeError("FreezeKernCallback got no train dataloader to analyse; pass plan=")
                 self.plan = self._analyse(model, _calibration_batches(train_dataloader, self.calibration_batches))
-            self._check_ddp_after_wrap(args, model, "freeze parameters")
+            self._check_ddp_after_wrap(args, model, "freeze parameters", optimizer)
             self._apply(model, self._early_plan(self.plan))
+            self._after_late_freeze(model, optimizer)
         if self.moving or (self.plan is not None and self.plan.moving):
             self._start_moving(args, state, model, optimizer)
         for p in model.parameters():
             if not p.requires_grad:
                 p.grad = None
         if self.reselect_every:
-            self._check_ddp_after_wrap(args, model, "move the boundary during training (reselect_every)")
+            check_can_stop_updating(optimizer, self._wrapped_model(model))  # DeepSpeed ZeRO: refused now
+            self._check_ddp_after_wrap(args, model, "move the boundary during training (reselect_every)",
+                                       optimizer)
             self._batch_hook = model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
+
+    def _after_late_freeze(self, model, optimizer) -> None:
+        """Parameters frozen after the engine was built stop costing and changing (DDP: reducer rebuilt)."""
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        stop_updating(frozen, optimizer, self._wrapped_model(model))
 
     def _remember_batch(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled() and isinstance(kwargs.get("input_ids"), torch.Tensor):
@@ -360,7 +453,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         if self.handle is None or not self.handle.active or self._last_batch is None:
             return
         batch = {k: v.detach() for k, v in self._last_batch.items()}
-        trace = merge_traces(analyze(model, [batch], self.metric, progress=False))
+        trace = merge_traces(_trace(model, [batch], self.metric))
         try:
             candidate = self._make_plan(trace)
         except ValueError as exc:  # e.g. no candidate meets the budget: keep the current boundary
@@ -372,7 +465,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             return
         if new_k != candidate.boundary:
             candidate = agree_on_plan(candidate, trace.parameter_counts)
-        self.handle = move_boundary(self.handle, candidate, optimizer=optimizer)
+        self.handle = move_boundary(self.handle, candidate, optimizer=optimizer, model=self._wrapped_model(model))
         self.plan, self.trace = candidate, trace
         self.moves.append((state.global_step, old_k, new_k))
         logger.info("freezekern reselect at step %d: boundary %d -> %d", state.global_step, old_k, new_k)
@@ -407,6 +500,84 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero and args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
             self._write(args.output_dir)
+
+
+def _trace(model, batches, metric: str) -> DeviationTrace:
+    """``freezekern.analyze`` with sharded parameters made whole where needed (ZeRO-3, FSDP2): each
+    ZeRO-3 module gathered around its own forward, the LM head and final norm for the semantic basis."""
+    from freezekern.model.parts import discover
+
+    parts = discover(model)
+    try:
+        with gathered_blocks(model), full_head(parts) as whole:
+            trace = analyze(model, batches, metric, parts=whole, progress=False, full_forward=is_fsdp2(model))
+    finally:
+        reshard_fsdp2(model)
+    if whole is not parts:
+        trace.parameter_counts = parts.parameter_counts()
+    return trace
+
+
+def _find_trainer(callback):
+    """The Trainer whose ``__init__`` is calling ``callback`` (callbacks get no reference to it), or None."""
+    try:
+        from transformers import Trainer
+    except ImportError:
+        return None
+    frame = inspect.currentframe()
+    try:
+        for _ in range(16):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            handler = getattr(owner, "callback_handler", None)
+            if isinstance(owner, Trainer) and any(cb is callback for cb in getattr(handler, "callbacks", ())):
+                return owner
+        return None
+    finally:
+        del frame
+
+
+def _under_engine(trainer) -> bool:
+    """True when the Trainer will wrap or shard the model (DDP, DeepSpeed, FSDP): decide before it does."""
+    return bool(is_distributed() or getattr(trainer, "is_deepspeed_enabled", False)
+                or getattr(trainer, "is_fsdp_enabled", False))
+
+
+def _trainer_calibration_batches(trainer, count: int) -> list:
+    """The first ``count`` training batches of ``trainer`` as its train dataloader would collate them.
+
+    Read at init, before the dataloader exists: the dataset with the columns
+    the model does not take removed (or the collator wrapped to drop them), the
+    per-device batch size, each rank its strided share; every rank keeps the
+    same number of batches (collective forwards under ZeRO-3 and FSDP2).
+    """
+    dataset, collate = trainer.train_dataset, trainer.data_collator
+    try:
+        import datasets
+
+        is_hf_dataset = isinstance(dataset, datasets.Dataset)
+    except ImportError:
+        is_hf_dataset = False
+    if is_hf_dataset and hasattr(trainer, "_remove_unused_columns"):
+        dataset = trainer._remove_unused_columns(dataset, description="freezekern calibration")
+    elif hasattr(trainer, "_get_collator_with_removed_columns"):
+        collate = trainer._get_collator_with_removed_columns(collate, description="freezekern calibration")
+    loader = types.SimpleNamespace(dataset=dataset, collate_fn=collate,
+                                   batch_size=trainer.args.per_device_train_batch_size)
+    batches = _calibration_batches(loader, count)
+    if is_distributed():
+        import torch.distributed as dist
+
+        from freezekern.integrations.distributed import _collective_device
+
+        n = torch.tensor([len(batches)], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        batches = batches[: int(n.item())]
+    if not batches:
+        raise ValueError("the training set gave no calibration batch on some rank; pass FreezeKernCallback(plan=...)")
+    return batches
 
 
 def _calibration_batches(train_dataloader, count: int) -> list:

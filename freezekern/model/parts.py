@@ -159,7 +159,7 @@ class ModelParts:
             for p in module.parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    total += p.numel()
+                    total += full_numel(p)
             return total
 
         embed = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
@@ -168,7 +168,7 @@ class ModelParts:
         norm_params = count(self.final_norm)
         head_params = count(self.lm_head)  # 0 when tied to the input embedding
         embed_params += count(self.model)  # whatever remains: position tables and the like
-        head_trainable = sum(p.numel() for p in self.lm_head.parameters())
+        head_trainable = sum(full_numel(p) for p in self.lm_head.parameters())
         return {
             "lm_head_trainable": head_trainable,
             "blocks": block_params,
@@ -195,8 +195,19 @@ class ModelParts:
         digest = hashlib.sha256()
         digest.update(f"{self.model_type}|{self.num_layers}|".encode())
         for name, p in self.model.named_parameters():
-            digest.update(f"{name}:{tuple(p.shape)};".encode())
+            digest.update(f"{name}:{tuple(full_shape(p))};".encode())
         return digest.hexdigest()[:16]
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of ``p`` as the model defines it (a DeepSpeed ZeRO-3 partitioned parameter keeps it in
+    ``ds_shape``; an FSDP2 DTensor reports its global shape itself)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """The element count of ``p`` as the model defines it (``ds_numel`` under ZeRO-3)."""
+    return int(getattr(p, "ds_numel", None) or p.numel())
 
 
 def _norm_eps(module: nn.Module) -> float:
@@ -348,7 +359,7 @@ def discover(
             )
         lm_head = _module_path(model, head)
     head_module = get_submodule(model, lm_head)
-    if not isinstance(getattr(head_module, "weight", None), torch.Tensor) or head_module.weight.dim() != 2:
+    if not isinstance(getattr(head_module, "weight", None), torch.Tensor) or len(full_shape(head_module.weight)) != 2:
         raise ValueError(f"LM head '{lm_head}' has no [V, D] weight")
 
     if final_norm is _UNSET:

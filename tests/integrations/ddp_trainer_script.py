@@ -4,8 +4,9 @@
         tests/integrations/ddp_trainer_script.py OUT_DIR
 
 Each rank trains a tiny model with the Trainer, FreezeKernCallback() without
-a plan (every rank analyses its own share of the data, the traces are merged
-and the boundary agreed on) and BackwardProfileCallback, then writes what it
+a plan (at Trainer init every rank analyses its own share of the data, the
+traces are merged and the boundary agreed on, before DDP wraps the model) and
+BackwardProfileCallback, then writes what it
 trained to OUT_DIR/rank<r>.json.
 """
 
@@ -44,7 +45,7 @@ def main(out_dir: str) -> None:
     args = TrainingArguments(
         output_dir=out_dir, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
         use_cpu=True,  # with a launcher that sets no ACCELERATE_USE_CPU, this is what makes accelerate use gloo
-        ddp_find_unused_parameters=True,  # the plan is applied at train begin, after DDP wrapped the model
+        ddp_find_unused_parameters=False,  # the callback decides at Trainer init, before DDP wraps the model
         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,

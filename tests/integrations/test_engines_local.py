@@ -1,0 +1,146 @@
+"""freezekern.model.engines in one process: optimizer hygiene, parameters replaced by sharding, the
+Trainer found at init, whole tensors for the trace."""
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from freezekern import discover, tiny_model
+from freezekern.cut import apply, move_boundary, trainable_parameters
+from freezekern.model.engines import (
+    EngineRefusal,
+    check_can_stop_updating,
+    engine_name,
+    full_head,
+    stop_updating,
+    zero_stage,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+def _model(**kw):
+    model = tiny_model("llama", num_layers=4, hidden=32, vocab=97, tie=True, seed=0, **kw)
+    model.train()
+    return model
+
+
+def _batch():
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_stop_updating_drops_grad_and_state_and_refuses_trainable():
+    model = _model()
+    handle = apply(model, 1)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+    model(**_batch()).loss.backward()
+    optimizer.step()
+    handle = move_boundary(handle, 3, optimizer=optimizer)
+    frozen = [p for n, p in model.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2."))]
+    assert all(p.grad is None and p not in optimizer.state for p in frozen)
+    before = [p.detach().clone() for p in frozen]
+    model(**_batch()).loss.backward()
+    optimizer.step()  # weight decay included: a parameter without a gradient is skipped
+    assert all(torch.equal(a, p) for a, p in zip(before, frozen))
+    with pytest.raises(ValueError, match="still requires grad"):
+        stop_updating([next(p for p in model.parameters() if p.requires_grad)], optimizer)
+    assert engine_name(model, optimizer) is None and zero_stage(model, optimizer) is None
+    check_can_stop_updating(optimizer, model)  # a torch optimizer: nothing to refuse
+
+
+def test_remove_restores_parameters_replaced_after_apply():
+    """Sharding (FSDP2's fully_shard) replaces the Parameter objects; remove() finds them by name."""
+    model = _model()
+    handle = apply(model, 2)
+    block = model.model.layers[0].mlp.up_proj
+    old = block.weight
+    block.weight = nn.Parameter(old.detach().clone(), requires_grad=False)  # what sharding does
+    assert any(p is block.weight for p in handle.frozen_parameters())
+    handle.remove()
+    assert block.weight.requires_grad and old.requires_grad
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_full_head_copies_sharded_head_and_keeps_whole_one():
+    model = _model()
+    parts = discover(model)
+    with full_head(parts) as whole:
+        assert whole is parts  # nothing sharded: nothing copied
+
+    class Sharded(torch.Tensor):
+        """A tensor standing for a DTensor shard: full_tensor() gives the whole weight."""
+
+    weight = parts.lm_head.weight
+    shard = weight.detach()[:10].as_subclass(Sharded)
+    shard.full_tensor = types.MethodType(lambda self: weight.detach(), shard)
+    parts.lm_head._parameters["weight"] = shard
+    try:
+        with full_head(parts) as whole:
+            assert whole is not parts and torch.equal(whole.head_weight, weight)
+            assert whole.norm_kwargs()["norm_eps"] == parts.norm_kwargs()["norm_eps"]
+    finally:
+        parts.lm_head._parameters["weight"] = weight
+
+
+def test_zero_refusal_names_engine_and_fix():
+    # a DeepSpeedEngine is recognised by its module and asked for its stage
+    fake = type("DeepSpeedEngine", (), {"__module__": "deepspeed.runtime.engine",
+                                        "zero_optimization_stage": lambda self: 2})()
+    with pytest.raises(EngineRefusal, match="ZeRO-2.*reselect_every"):
+        check_can_stop_updating(None, fake)
+    model = _model()
+    handle = apply(model, 1)
+    with pytest.raises(EngineRefusal, match="ZeRO-2"):
+        move_boundary(handle, 2, model=fake)
+    assert handle.active and handle.boundary == 1  # refused before anything changed
+
+
+def test_callback_finds_its_trainer_at_init(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from freezekern.integrations import FreezeKernCallback
+    from freezekern.integrations.hf_trainer import _trainer_calibration_batches
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.arange(3, 11) + i
+            return {"input_ids": ids, "labels": ids, "unused_column": i}
+
+    callback = FreezeKernCallback(calibration_batches=2)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                             remove_unused_columns=True)
+    trainer = Trainer(model=_model(), args=args, train_dataset=Rows(), callbacks=[callback])
+    assert callback._trainer() is trainer
+    assert callback.handle is None  # one process: decided at train begin, as before
+    batches = _trainer_calibration_batches(trainer, 2)
+    assert len(batches) == 2 and set(batches[0]) == {"input_ids", "labels"}  # the column the model does not take
+    assert torch.equal(batches[1]["input_ids"][0], torch.arange(3, 11) + 2)
+
+
+def test_fsdp1_is_refused_with_the_fsdp2_recipe(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    model = _model()
+    block_type = type(model.model.layers[0])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = FSDP(_model(), auto_wrap_policy=ModuleWrapPolicy({block_type}), use_orig_params=True,
+                       device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+            apply(wrapped, 1)
+        handle = apply(model, 1)  # applied first, then wrapped per block: refused at the first forward
+        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({block_type}), use_orig_params=True,
+                       device_id=torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="FSDP1.*fully_shard"):
+            wrapped(**_batch())
+        assert handle.active
+    finally:
+        dist.destroy_process_group()
