@@ -40,3 +40,17 @@ def test_quick_study_writes_results_and_resumes(tmp_path, monkeypatch):
     (tmp_path / "results.md").unlink()
     assert study.main(["--out", str(tmp_path), "--report-only"]) == 0
     assert (tmp_path / "results.md").read_text() == report
+
+
+def test_speeches_split_rule_keeps_each_speaker_in_one_split(monkeypatch):
+    monkeypatch.syspath_prepend(str(STUDY_DIR))
+    sys.modules.pop("tasks", None)
+    import tasks
+
+    speakers = [f"SPEAKER {i}" for i in range(181)] + [""]
+    splits = tasks.split_speakers(speakers)
+    assert [len(splits[n]) for n in ("test", "validation", "calibration")] == [27, 27, 18]
+    assert sorted(s for names in splits.values() for s in names) == sorted(speakers)  # each exactly once
+    assert splits == tasks.split_speakers(list(reversed(speakers)))  # the input order does not matter
+    with pytest.raises(RuntimeError, match="none for training"):
+        tasks.split_speakers(["a", "b", "c"])
