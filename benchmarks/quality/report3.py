@@ -25,7 +25,7 @@ from pathlib import Path
 
 from report import mean_curve, pareto, value_at
 from runs import load_runs, run_key
-from study3 import Settings, arms_for, grid_scores, lr_grid
+from study3 import Settings, arms_for, config_key, grid_scores, lr_grid
 
 from freezekern.trials import Arm
 
@@ -64,6 +64,8 @@ class TaskView:
         self.baseline = self.plans["baseline"]
         self.classify = "accuracy" in self.baseline["validation"]
         self.arms = arms_for(self.plans, settings.moving)
+        first: dict[str, str] = {}
+        self.same_as = {n: first.setdefault(config_key(a), n) for n, a in self.arms.items()}  # shared runs
         self.grid = {n: grid_scores(runs, name, a, settings) for n, a in self.arms.items()}
         self.grid_partial = {n: {lr: runs.get(run_key(name, dataclasses.replace(a, lr=lr), 0,
                                                       settings.grid_share * settings.budget))
@@ -109,24 +111,25 @@ class TaskView:
             return None
         return statistics.fmean(values), (max(values) - min(values)) / 2, len(values)
 
-    def savings(self, name: str) -> dict | None:
+    def savings(self, name: str, axis: str = "flops") -> dict | None:
         """The compute ``name`` needs to reach full fine-tuning's best validation loss (see the module
-        docstring): {"share", "arm", "full", "target", "seeds", "per_seed": [share or None]}."""
+        docstring): {"share", "arm", "full", "target", "seeds", "per_seed": [share or None]}; ``axis``
+        "seconds": measured training seconds instead of estimated FLOPs."""
         seeds = self.seeds_of(name) & self.seeds_of(FULL)
         if not seeds:
             return None
         start = self.baseline["validation"]["loss"]
-        full = self.curve(FULL, "validation", seeds=seeds)
+        full = self.curve(FULL, "validation", axis, seeds=seeds)
         target_x, target = min(((p[0], p[1]) for p in full), key=lambda p: (p[1], p[0]))
         if target >= start:  # nothing to reach: the figure is undefined, not 0 %
             return {"share": None, "arm": None, "full": None, "target": target, "seeds": sorted(seeds),
                     "per_seed": [], "undefined": "full fine-tuning never beats the untrained model's validation loss"}
-        mine = reach(self.curve(name, "validation", seeds=seeds), start, target)
+        mine = reach(self.curve(name, "validation", axis, seeds=seeds), start, target)
         per_seed = []
         for seed in sorted(seeds):
-            f = self.curve(FULL, "validation", seeds={seed})
+            f = self.curve(FULL, "validation", axis, seeds={seed})
             fx, fy = min(((p[0], p[1]) for p in f), key=lambda p: (p[1], p[0]))
-            x = reach(self.curve(name, "validation", seeds={seed}), start, fy)
+            x = reach(self.curve(name, "validation", axis, seeds={seed}), start, fy)
             per_seed.append(None if x is None else x / fx)
         return {"share": None if mine is None else mine / target_x, "arm": mine, "full": target_x,
                 "target": target, "seeds": sorted(seeds), "per_seed": per_seed}
@@ -169,10 +172,11 @@ def plot_task(out: Path, view: TaskView) -> str | None:
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     colors = _colors()
     for i, name in enumerate(view.arms):
-        if not view.ok(name):
+        if not view.ok(name) or view.same_as[name] != name:
             continue
-        style = "-" if name in (DEFAULT, MOVING_DEFAULT, FULL) else "--"
-        label = f"{name} ({_k(view.arms[name])}, {len(view.ok(name))} seed(s))"
+        twins = [n for n in view.arms if n != name and view.same_as[n] == name]
+        style = "-" if {name, *twins} & {DEFAULT, MOVING_DEFAULT, FULL} else "--"
+        label = f"{' = '.join([name, *twins])} ({_k(view.arms[name])}, {len(view.ok(name))} seed(s))"
         for ax, split, axis in zip(axes, ("validation", "test", "test"), ("flops", "flops", "seconds")):
             points = view.curve(name, split, axis)
             ax.plot([0.0] + [p[0] for p in points], [view.baseline[split]["loss"]] + [p[1] for p in points], style,
@@ -296,6 +300,10 @@ def task_section(out: Path, view: TaskView) -> list[str]:
         tuned = view.tuned[name]
         lr = f"**{tuned.lr:g}** ({grid})" if tuned is not None else f"({grid})"
         records = view.ok(name)
+        if view.same_as[name] != name:
+            lines.append(f"| {name} | {_k(arm)} | (the runs of {view.same_as[name]}) | | | "
+                         + " | ".join("" for _ in TABLE_FRACTIONS) + " | | |" + (" |" if view.classify else ""))
+            continue
         if not records:
             lines.append(f"| {name} | {_k(arm)} | {lr} | | | " + " | ".join("–" for _ in TABLE_FRACTIONS)
                          + " | – | – |" + (" – |" if view.classify else ""))
@@ -391,14 +399,21 @@ def savings_table(views: list[TaskView]) -> list[str]:
     lines = ["## Savings at equal quality", "",
              "Compute each arm needs to reach full fine-tuning's best validation loss, as a share of the compute "
              "full fine-tuning needs to reach it (mean curves over the seeds both have; lower is better; 'not "
-             "reached': never within the budget):", "",
+             "reached': never within the budget). Estimated FLOPs, and in brackets measured training seconds "
+             "(noisy: a shared machine):", "",
              "| arm | " + " | ".join(v.task for v in views) + " |", "|---" * (len(views) + 1) + "|"]
+
+    def cell(saving):
+        return ("–" if saving is None else "undefined" if saving.get("undefined") else
+                "not reached" if saving["share"] is None else f"{saving['share']:.0%}")
+
     for name in names:
         cells = []
         for view in views:
-            saving = view.savings(name) if name in view.arms else None
-            cells.append("–" if saving is None else "undefined" if saving.get("undefined") else
-                         "not reached" if saving["share"] is None else f"{saving['share']:.0%}")
+            if name not in view.arms or view.savings(name) is None:
+                cells.append("–")
+                continue
+            cells.append(f"{cell(view.savings(name))} ({cell(view.savings(name, 'seconds'))})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
