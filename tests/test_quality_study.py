@@ -154,3 +154,48 @@ def test_study3_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
         assert (tmp_path / "results.md").read_text() == report
     finally:
         torch.set_num_threads(threads)
+
+
+def test_study3_savings_reads_full_fine_tunings_best_validation_off_common_seeds(tmp_path, monkeypatch):
+    """The headline figure: compute to reach full fine-tuning's best validation loss, as a share of full's."""
+    study3 = _study3(monkeypatch)
+    import report3
+    from runs import run_key
+
+    settings = study3.QUICK
+    (tmp_path / "settings.json").write_text(json.dumps(settings.to_dict()))
+    plans = {"num_layers": 6, "plans": {"gain_share/cosine": {"boundary": 3}, "salf/cosine": {"boundary": 4}},
+             "baseline": {"validation": {"loss": 4.0}, "test": {"loss": 4.0}}}
+    (tmp_path / "plans_code.json").write_text(json.dumps(plans))
+    arms = study3.arms_for(plans, settings.moving)
+    runs = {}
+    for arm in arms.values():
+        for lr in study3.lr_grid(arm, settings):
+            key = run_key("code", dataclasses.replace(arm, lr=lr), 0, settings.grid_share * settings.budget)
+            runs[key] = {"key": key, "stage": "grid", "rows": [{"validation_loss": 1.0}]}
+
+    def final(name, seed, losses):
+        arm = dataclasses.replace(arms[name], lr=settings.full_lrs[0] if not arms[name].lora else settings.lora_lrs[0])
+        key = run_key("code", arm, seed, settings.budget)
+        rows = [{"fraction": x / 4, "flops": float(x), "seconds": 2.0 * x, "steps": x, "validation_loss": y,
+                 "test_loss": y} for x, y in zip((1, 2, 3, 4), losses)]
+        runs[key] = {"key": key, "stage": "final", "seed": seed, "rows": rows}
+
+    final("full", 0, [3.0, 2.0, 1.5, 1.6])  # best 1.5 at 3 full-step equivalents
+    final("full", 1, [3.0, 2.5, 2.2, 2.1])  # not used against freeze half: it has no seed 1
+    final("freeze half", 0, [2.5, 1.8, 1.4, 1.3])  # reaches 1.5 at 2 + 0.3 / 0.4 = 2.75
+    final("shallow L/3", 0, [3.5, 3.0, 2.0, 1.9])  # never reaches 1.5
+    view = report3.TaskView(tmp_path, "code", settings, runs)
+    half = view.savings("freeze half")
+    assert half["seeds"] == [0] and half["target"] == 1.5 and half["full"] == 3.0
+    assert half["share"] == pytest.approx(2.75 / 3) and half["per_seed"] == [pytest.approx(2.75 / 3)]
+    assert view.savings("freeze half", "seconds")["share"] == pytest.approx(2.75 / 3)  # seconds = 2 x FLOPs here
+    assert view.savings("shallow L/3")["share"] is None  # not reached
+    assert view.savings("default")["share"] == half["share"]  # default k = 3 trains as freeze half does
+    assert view.savings("salf") is None  # not run yet
+    both = view.savings("full")
+    assert both["seeds"] == [0, 1] and both["target"] == pytest.approx(1.85) and both["share"] == 1.0
+    plans["baseline"]["validation"]["loss"] = 1.0  # full fine-tuning never beats the untrained model
+    (tmp_path / "plans_code.json").write_text(json.dumps(plans))
+    view = report3.TaskView(tmp_path, "code", settings, runs)
+    assert view.savings("freeze half")["share"] is None and view.savings("freeze half")["undefined"]
