@@ -210,7 +210,7 @@ def job_list(tasks: list[str], settings: Settings, out: Path, runs: dict) -> tup
             configs.setdefault(config_key(arm), arm)
         for arm in configs.values():
             for lr in lr_grid(arm, settings):
-                tuned = dataclasses.replace(arm, name=f"grid {arm.name}", lr=lr)
+                tuned = dataclasses.replace(arm, lr=lr)
                 budget = settings.grid_share * settings.budget
                 grid_jobs.append(Job(run_key(name, tuned, 0, budget), name, "grid", tuned, 0, budget))
             lr = chosen_lr(runs, name, arm, settings)
