@@ -418,6 +418,31 @@ def savings_table(views: list[TaskView]) -> list[str]:
     return lines + [""]
 
 
+def in_progress(out: Path, settings: Settings, runs: dict) -> list[str]:
+    """The jobs a live process holds now, and how many jobs are known to remain."""
+    from runs import _alive, _claim_path
+    from study3 import ALL_TASKS, job_list
+
+    jobs, complete = job_list(list(ALL_TASKS), settings, out, runs)
+    held = []
+    for job in jobs:
+        path = _claim_path(out, job.key)
+        try:
+            pid = int(path.read_text() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid and _alive(pid):
+            what = "plans" if job.stage == "plans" else f"{job.stage} {job.arm.name} lr {job.arm.lr:g} seed {job.seed}"
+            held.append(f"{job.task}: {what} (process {pid})")
+    left = sum(1 for j in jobs if (j.key not in runs if j.stage != "plans"
+                                   else not (out / f"plans_{j.task}.json").is_file()))
+    lines = [f"Jobs known to remain: {left}" + ("" if complete else " (more follow once the plans and grids "
+                                                                     "they depend on are done)") + "."]
+    if held:
+        lines[0] += " In progress now: " + "; ".join(held) + "."
+    return lines + [""]
+
+
 def write_report(out: Path) -> None:
     out = Path(out)
     lines = ["# Study v3: compute to reach full fine-tuning's quality, at realistic budgets", ""]
@@ -452,6 +477,7 @@ def write_report(out: Path) -> None:
            else "") + ".", "",
         "The seconds axis is each run's own measured training time (evaluation excluded) on a shared machine: "
         "two study processes and other work, so it is noisy; the FLOPs axis is exact by construction.", ""]
+    lines += in_progress(out, settings, runs)
     if not views:
         (out / "results.md").write_text("\n".join(lines))
         return
