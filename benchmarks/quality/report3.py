@@ -298,7 +298,9 @@ def task_section(out: Path, view: TaskView) -> list[str]:
         grid = ", ".join(f"{lr:g}: " + ("…" if r is None else "diverged" if not r.get("rows") else
                                         f"{r['rows'][-1]['validation_loss']:.3f}") for lr, r in partial.items())
         tuned = view.tuned[name]
-        lr = f"**{tuned.lr:g}** ({grid})" if tuned is not None else f"({grid})"
+        edge = tuned is not None and tuned.lr in (min(partial), max(partial))
+        lr = (f"**{tuned.lr:g}**{' (at the edge)' if edge else ''} ({grid})" if tuned is not None
+              else f"({grid})")
         records = view.ok(name)
         if view.same_as[name] != name:
             lines.append(f"| {name} | {_k(arm)} | (the runs of {view.same_as[name]}) | | | "
