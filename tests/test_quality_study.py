@@ -199,3 +199,26 @@ def test_study3_savings_reads_full_fine_tunings_best_validation_off_common_seeds
     (tmp_path / "plans_code.json").write_text(json.dumps(plans))
     view = report3.TaskView(tmp_path, "code", settings, runs)
     assert view.savings("freeze half")["share"] is None and view.savings("freeze half")["undefined"]
+
+
+def test_speeches_rows_come_from_every_part_of_the_texts(monkeypatch, char_tokenizer):
+    """Evaluation sets are small: their rows must be drawn across texts and positions, not only openings."""
+    monkeypatch.syspath_prepend(str(STUDY_DIR))
+    sys.modules.pop("tasks", None)
+    import tasks
+
+    tokenizer = char_tokenizer()
+    texts = ["".join(chr(35 + 30 * k + i) for i in range(27)) for k in range(3)]  # 27 + end token: 7 rows each
+    where = {}  # row -> (text, offset)
+    for k, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        where.update({tuple(ids[i:i + 4]): (k, i) for i in range(0, 28, 4)})
+    every = tasks.chunk_batches(tokenizer, texts, 4, 2, 10 ** 6, seed=0)
+    rows = [tuple(r.tolist()) for b in every for r in b["input_ids"]]
+    assert sorted(rows) == sorted(where)  # every full row once
+    few = [tuple(r.tolist()) for b in tasks.chunk_batches(tokenizer, texts, 4, 2, 6 * 4, seed=0)
+           for r in b["input_ids"]]
+    assert len(few) == 6 and len({where[r][0] for r in few}) > 1  # more than one text
+    assert max(where[r][1] for r in few) >= 8  # not only the first rows of each text
+    assert few == [tuple(r.tolist()) for b in tasks.chunk_batches(tokenizer, texts, 4, 2, 24, seed=0)
+                   for r in b["input_ids"]]  # deterministic

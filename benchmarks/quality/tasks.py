@@ -250,18 +250,17 @@ def split_speakers(speakers: list[str]) -> dict[str, list[str]]:
     return splits
 
 
-def interleaved_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int, num_tokens: int,
-                        seed: int) -> list[dict]:
-    """Packed sequences of ``seq_len`` tokens cut from each text (with its end-of-text token), taken round
-    robin across the texts in a seeded order (so a small set spans many speeches), ``num_tokens`` at most."""
+def chunk_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int, num_tokens: int,
+                  seed: int) -> list[dict]:
+    """Sequences of ``seq_len`` tokens cut from each text (with its end-of-text token; a tail shorter than
+    ``seq_len`` is dropped), drawn in a seeded random order from every text and position, ``num_tokens`` at
+    most (so a small set spans many speeches and every part of them, not only their openings)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    order = list(texts)
-    random.Random(seed).shuffle(order)
-    chunks = []
-    for text in order:
+    rows = []
+    for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-        chunks.append([ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)])
-    rows = [c[r] for r in range(max(map(len, chunks), default=0)) for c in chunks if r < len(c)]
+        rows += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    random.Random(seed).shuffle(rows)
     rows = rows[:max(1, num_tokens // seq_len)]
     if not rows:
         raise RuntimeError(f"no text holds a full sequence of {seq_len} tokens")
@@ -279,7 +278,7 @@ def speeches_task(tokenizer, seq_len, batch_size, train_tokens, eval_tokens, cal
     calib_thirds = [[t for s in splits["calibration"][i::3] for t in by_speaker[s]] for i in range(3)]
 
     def batches(chosen, tokens, seed):
-        return interleaved_batches(tokenizer, chosen, seq_len, batch_size, tokens, seed)
+        return chunk_batches(tokenizer, chosen, seq_len, batch_size, tokens, seed)
 
     return Task(
         name="speeches", seq_len=seq_len, batch_size=batch_size,
