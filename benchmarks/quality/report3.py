@@ -329,6 +329,10 @@ def task_section(out: Path, view: TaskView) -> list[str]:
         lines += [f"Full fine-tuning's best validation loss: {saving['target']:.4f}, reached at "
                   f"{saving['full']:.1f} full-step equivalents ({saving['full'] / view.settings.budget:.0%} of the "
                   "budget); the last column is each arm's compute to reach it, as a share of that.", ""]
+    a, b = view.at(FULL, "validation", 0.75), view.at(FULL, "validation", 1.0)
+    if a is not None and b is not None:
+        lines += [f"Full fine-tuning's validation loss changes by {(b[0] - a[0]) / a[0]:+.2%} over the last quarter "
+                  "of the budget (near 0: converged for this schedule).", ""]
     front = pareto([(n, p[0], p[1]) for n in view.arms if view.ok(n) for p in view.curve(n, "test")])
     if front:
         lines += ["Pareto front (mean test loss against estimated compute, every checkpoint of every arm): "
