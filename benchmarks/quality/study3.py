@@ -26,11 +26,13 @@ seeds 0 and 1. Test is only reported, never used for a choice.
 
 One global queue, in this order: every task's plans; every task's grid;
 the finals at seed 0 (code, chat, classify, speeches); then at seed 1. A
-job is taken when what it needs is done (a final needs its arm's grid);
-each process takes the first job that no live process has claimed
-(``runs.claim``), so ``--shard i/n`` only names the process. Every finished run is one line of OUT/runs.jsonl (a
-re-run skips what is there); a run in progress writes its state at every
-checkpoint to OUT/.state/ and a restarted process continues it from there.
+job enters the queue when what it needs is done (a final: its arm's whole
+grid, which sets its rate); each process takes the first job that no live
+process has claimed (``runs.claim``; a dead process's claim is taken over),
+so ``--shard i/n`` only names the process. Every finished run is one line
+of OUT/runs.jsonl (a re-run skips what is there); a run in progress writes
+its state at every checkpoint to OUT/.state/, and a process started again
+continues it from there.
 
     python benchmarks/quality/study3.py --out docs/study3 --shard 0/2 --threads 1 &   # one process per core
     python benchmarks/quality/study3.py --out docs/study3 --shard 1/2 --threads 1 &
