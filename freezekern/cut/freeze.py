@@ -306,12 +306,13 @@ def cut_would_freeze(model: nn.Module, k: int, *, train_head: bool, train_final_
 
 def _outside_parameters(base: nn.Module, parts: ModelParts, embedding: nn.Module, params: list[nn.Parameter],
                         adapters: Mapping[int, str], names: Mapping[int, str]) -> list[str]:
-    """Names of ``params`` outside the embeddings, the blocks, the final norm and the head (adapters aside)."""
+    """Names of ``params`` outside the embeddings (and their norms, which run below the blocks), the blocks, the
+    final norm and the head (adapters aside)."""
     known: set[int] = {id(p) for p in embedding.parameters()}
     for backbone in base.modules():  # the module holding the blocks: its embeddings (token, position) run below
         if any(child is parts.blocks for child in backbone.children()):
-            for module in backbone.children():
-                if isinstance(module, nn.Embedding):
+            for module in backbone.children():  # embeddings, and norms of the embeddings (BLOOM's)
+                if isinstance(module, (nn.Embedding, nn.LayerNorm)) or "Norm" in type(module).__name__:
                     known.update(id(p) for p in module.parameters())
     for module in (parts.blocks, parts.final_norm, parts.lm_head):
         if module is not None:
