@@ -174,7 +174,7 @@ def case_plan(rank):
 
 def case_defaults(rank):
     from freezekern.integrations import FreezeKernCallback
-    from freezekern.integrations.hf_trainer import _trace
+    from freezekern.integrations.trainer_access import trace_model as _trace
 
     model = _model()
     reference = copy.deepcopy(model)

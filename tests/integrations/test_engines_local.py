@@ -102,7 +102,9 @@ def test_callback_finds_its_trainer_at_init(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from freezekern.integrations import FreezeKernCallback
-    from freezekern.integrations.hf_trainer import _trainer_calibration_batches
+    from freezekern.integrations.trainer_access import (
+        trainer_calibration_batches as _trainer_calibration_batches,
+    )
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):

@@ -182,7 +182,7 @@ def test_reselect_step_after_move_is_exact(tmp_path):
 
 
 def test_callback_calibration_batches_leave_rng_alone():
-    from freezekern.integrations.hf_trainer import _calibration_batches
+    from freezekern.integrations.trainer_access import calibration_batches as _calibration_batches
 
     loader = torch.utils.data.DataLoader(_Rows(), batch_size=4, shuffle=True)
     state = torch.get_rng_state()
