@@ -66,9 +66,8 @@ def resolve_impl(op: str, impl: str, device: torch.device, dtype: torch.dtype | 
         if not _native_usable(op, device):
             from freezekern.ops import native
 
-            raise RuntimeError(
-                f"impl='native' requested for {op} on {device.type}, but {native.unavailable_reason(device, _KERNELS_OF.get(op, op))}"
-            )
+            reason = native.unavailable_reason(device, _KERNELS_OF.get(op, op))
+            raise RuntimeError(f"impl='native' requested for {op} on {device.type}, but {reason}")
         return "native"
     if impl == "triton":
         if not _triton_usable(device):
