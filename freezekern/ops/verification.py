@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -75,6 +74,7 @@ class Kernel:
 
 OPS: dict[str, OpCheck] = {}
 KERNELS: dict[tuple[str, str], Kernel] = {}
+_RUN = {"triton_interpret": False}  # what the running verify() was asked for
 
 
 def register_op(check: OpCheck) -> Callable[[], None]:
@@ -125,7 +125,7 @@ def _impl_available(op: str, impl: str):
     def available(device: torch.device, dtype: torch.dtype) -> str | None:
         from freezekern.ops import dispatch
 
-        if impl == "triton" and device.type == "cpu" and os.environ.get("FREEZEKERN_VERIFY_TRITON_INTERPRET") != "1":
+        if impl == "triton" and device.type == "cpu" and not _RUN["triton_interpret"]:
             return "the Triton interpreter runs only when asked (--triton-interpret)"
         try:
             dispatch.resolve_impl(op, impl, device, dtype)
@@ -443,8 +443,7 @@ def verify(*, ops: list[str] | None = None, backends: list[str] | None = None,
     unknown = sorted(set(ops or ()) - set(OPS))
     if unknown:
         raise ValueError(f"no op {', '.join(unknown)} to check; the ops: {', '.join(OPS)}")
-    previous = os.environ.get("FREEZEKERN_VERIFY_TRITON_INTERPRET")
-    os.environ["FREEZEKERN_VERIFY_TRITON_INTERPRET"] = "1" if triton_interpret else "0"
+    previous, _RUN["triton_interpret"] = _RUN["triton_interpret"], bool(triton_interpret)
     report = VerifyReport(machine=_machine())
     try:
         for name in ops or list(OPS):
@@ -486,10 +485,7 @@ def verify(*, ops: list[str] | None = None, backends: list[str] | None = None,
                                                                        f"{ref[output].dtype}")
                                 report.rows.append(row)
     finally:
-        if previous is None:
-            os.environ.pop("FREEZEKERN_VERIFY_TRITON_INTERPRET", None)
-        else:
-            os.environ["FREEZEKERN_VERIFY_TRITON_INTERPRET"] = previous
+        _RUN["triton_interpret"] = previous
     report.seconds = time.perf_counter() - started
     return report
 
