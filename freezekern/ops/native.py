@@ -14,7 +14,8 @@ to ignore a built extension.
 It also registers the fake (meta) kernels so ``torch.compile`` can trace the
 ops (the cosine returns an fp32 [N] tensor on h's device). The autograd
 formula of ``linear_cross_entropy`` is registered beside its Python face, in
-``linear_cross_entropy.py``; this module imports nothing else of the package.
+``linear_cross_entropy.py``; this module imports nothing else of the package but ``fake_checks``
+(the kernels' argument checks, a leaf).
 
 Shapes and dtypes are those of ``reference.py`` and ``linear_cross_entropy.py``:
 h [N, D] fp32|bf16|fp16 (any row stride; an inner stride != 1 is copied to

@@ -49,7 +49,10 @@ def test_ops_modules_form_no_import_circle():
 
 
 def test_native_loader_imports_no_other_ops_module():
-    assert _graph()[f"{PACKAGE}.native"] == set()
+    """Only the fake kernels' argument checks, a leaf that imports nothing of the package."""
+    graph = _graph()
+    assert graph[f"{PACKAGE}.native"] <= {f"{PACKAGE}.fake_checks"}
+    assert graph.get(f"{PACKAGE}.fake_checks", set()) == set()
 
 
 def _private_uses(path: Path) -> list[str]:
