@@ -86,6 +86,8 @@ def test_bench_finds_every_suite(capfd):
     assert len(suites) >= 5
     if importlib.util.find_spec("triton") is None:  # that suite skips itself at import without triton
         suites.remove("bench_triton_gpu.py")
+    if importlib.util.find_spec("cut_cross_entropy") is None:  # skips itself when the comparison is not installed
+        suites.remove("bench_lce_vs_cce.py")
     for suite in suites:
         assert f"{suite}::" in listed, f"{suite} is not collected"
     assert main(["bench", "bench_trace.py::test_plain_forward", "--list"]) == 0
