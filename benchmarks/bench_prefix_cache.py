@@ -17,9 +17,9 @@ asserted about time.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import statistics
-import time
 
 import pytest
 import torch
@@ -27,6 +27,7 @@ import torch
 from freezekern import apply, tiny_model
 from freezekern.cut import trainable_parameters
 from freezekern.cut.prefix_cache import PrefixCache
+from freezekern.profiler.timing import timed, train_step
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
 EPOCHS = 3
@@ -66,14 +67,7 @@ def test_prefix_cache_over_epochs(benchmark, config):
     times = {"plain": [[] for _ in range(EPOCHS)], "cache": [[] for _ in range(EPOCHS)]}
 
     def step(variant, batch):
-        start = time.perf_counter()
-        loss = models[variant](**batch, use_cache=False).loss
-        loss.backward()
-        optimizers[variant].step()
-        optimizers[variant].zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed(functools.partial(train_step, models[variant], batch, optimizers[variant]), device)[1]
 
     def epochs():
         flip = False

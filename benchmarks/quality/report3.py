@@ -203,7 +203,6 @@ def plot_task(out: Path, view: TaskView) -> str | None:
     fig.tight_layout()
     name = f"{view.task}_compute.png"
     save_png(fig, out / name)
-    plt.close(fig)
     return name
 
 
@@ -242,7 +241,6 @@ def plot_moving(out: Path, views: list[TaskView]) -> str | None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_png(fig, out / "moving_boundary.png")
-    plt.close(fig)
     return "moving_boundary.png"
 
 

@@ -51,6 +51,7 @@ from tasks import TASKS  # noqa: E402
 
 import freezekern as fk  # noqa: E402
 from freezekern.io import atomic_write_json  # noqa: E402
+from freezekern.model.loading import default_tokenizer  # noqa: E402
 from freezekern.trials import Arm, probe_candidates, probe_plan, time_steps, train_arm  # noqa: E402
 
 FULL_LRS = (3e-5, 1e-4, 3e-4)
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
             settings = dataclasses.replace(settings, seeds=tuple(args.seeds))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.quick:
-            tokenizer = _default_tokenizer()
+            tokenizer = default_tokenizer()
             model = fk.tiny_model("llama", num_layers=6, hidden=64, vocab=len(tokenizer), tie=True)
         else:
             model, tokenizer = fk.load_default_model()
@@ -317,14 +318,6 @@ def main(argv=None) -> int:
     write_report(out)
     log(f"wrote {out / 'results.md'}")
     return 0
-
-
-def _default_tokenizer():
-    from transformers import AutoTokenizer
-
-    from freezekern.model.loading import prepare_default_model
-
-    return AutoTokenizer.from_pretrained(prepare_default_model(), local_files_only=True)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from tasks import NEW_TASKS, TASKS  # noqa: E402
 
 import freezekern as fk  # noqa: E402
 from freezekern.io import atomic_write_json  # noqa: E402
+from freezekern.model.loading import default_tokenizer  # noqa: E402
 from freezekern.trials import Arm, train_arm  # noqa: E402
 from freezekern.trials.schedule import Schedule  # noqa: E402
 
@@ -356,7 +357,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.quick:
-            tokenizer = _default_tokenizer()
+            tokenizer = default_tokenizer()
             model = fk.tiny_model("llama", num_layers=6, hidden=64, vocab=len(tokenizer), tie=True)
         else:
             model, tokenizer = fk.load_default_model()
@@ -369,14 +370,6 @@ def main(argv=None) -> int:
     write_report(out)
     log(f"wrote {out / 'results.md'}")
     return 0
-
-
-def _default_tokenizer():
-    from transformers import AutoTokenizer
-
-    from freezekern.model.loading import prepare_default_model
-
-    return AutoTokenizer.from_pretrained(prepare_default_model(), local_files_only=True)
 
 
 if __name__ == "__main__":

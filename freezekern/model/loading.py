@@ -149,6 +149,13 @@ def load_default_model(dtype="float32", device=None):
     return model, tokenizer
 
 
+def default_tokenizer():
+    """The built-in model's tokenizer alone (the cache prepared as for ``load_default_model``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(prepare_default_model(), local_files_only=True)
+
+
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                  "gpt2", "gpt_neox", "opt", "falcon", "bloom", "mpt")
 

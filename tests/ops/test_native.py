@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from freezekern import ops
-from freezekern.ops import dispatch, native, tolerance
+from freezekern.ops import dispatch, native, reference, tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPS = ("cosine_deviation", "linear_cross_entropy")
@@ -48,18 +48,8 @@ DEVICES = [
 
 
 def _truth_norm(h, norm, norm_weight, norm_bias, eps):
-    x = h.double()
-    if norm == "rms":
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    elif norm == "layer":
-        mean = x.mean(-1, keepdim=True)
-        x = (x - mean) * torch.rsqrt((x - mean).pow(2).mean(-1, keepdim=True) + eps)
-    if norm is not None:
-        if norm_weight is not None:
-            x = x * norm_weight.double()
-        if norm_bias is not None:
-            x = x + norm_bias.double()
-    return x
+    """The final norm in fp64: the reference's formula on fp64 inputs (as tests/ops/test_reference.py takes it)."""
+    return reference.apply_norm(h.double(), norm, norm_weight, norm_bias, eps)
 
 
 def truth_cosine(h, basis, target_row, *, norm, norm_weight=None, norm_bias=None, norm_eps=1e-6):
