@@ -5,8 +5,9 @@ the logits in the input dtype, soft-capped in that dtype (Gemma 2/3), upcast
 to fp32, then ``cross_entropy``. That materialising path, on the same
 inputs, is the comparison here, and the same path in fp64 is the ground truth.
 
-Rules: fp32 loss and gradients match HF's fp32 path to 1e-5 relative (the
-largest error over a tensor against its largest entry); bf16/fp16 follow
+Rules: fp32 loss and gradients are no further from the fp64 truth than HF's
+fp32 path plus 1e-5 relative (the largest error over a tensor against its
+largest entry); bf16/fp16 follow
 flash-attention's rule: the op's error against the fp64 ground truth may not
 exceed twice the error of HF's same-dtype path plus 1e-5 relative.
 
@@ -124,11 +125,18 @@ def _scale(t):
 
 
 def assert_matches_hf(got, ref, truth, dtype, what):
-    """fp32: within 1e-5 of HF's fp32 path; 16-bit: flash-attention's rule against the fp64 truth."""
+    """fp32: against the fp64 truth, no worse than HF's fp32 path plus 1e-5 relative; 16-bit: flash-attention's
+    rule against the fp64 truth.
+
+    fp32 is judged against the truth, not against HF's path: at N = 257, D = 576, V = 50257 HF's own fp32 dh is
+    1e-5 (relative) off the truth, so a result ten times closer to the truth than HF's could sit just outside
+    "within 1e-5 of HF".
+    """
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
     if dtype == torch.float32:
-        err, bound = _max_err(got, ref), 1e-5 * _scale(ref) + 1e-12
-        assert err <= bound, f"{what}: error {err:.3g} vs HF fp32 > {bound:.3g}"
+        err, err_hf = _max_err(got, truth), _max_err(ref, truth)
+        bound = err_hf + 1e-5 * _scale(truth) + 1e-12
+        assert err <= bound, f"{what}: error {err:.3g} vs the fp64 truth > {bound:.3g} (HF fp32's {err_hf:.3g})"
         return
     tolerance.assert_within_rule(got, ref, truth, what=f"{what} ({dtype})")
 
