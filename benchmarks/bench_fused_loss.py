@@ -146,24 +146,33 @@ def test_op_vs_hf(benchmark, n, head):
 
 
 def _mm_sequence(n: int, weight: torch.Tensor, h: torch.Tensor, trained: bool):
-    """The matrix products the native CPU op runs for an fp32 weight (its eager row blocks), alone."""
-    budget = int(os.environ.get("FREEZEKERN_CPU_LCE_BUFFER", 1 << 23))  # the kernel's default
+    """The matrix products the native CPU op runs for an fp32 weight (its eager row blocks, held per
+    vocabulary chunk), alone, one after another."""
+    budget = int(os.environ.get("FREEZEKERN_CPU_LCE_BUFFER", 1 << 24))  # the kernel's default
+    chunk = min(V, int(os.environ.get("FREEZEKERN_CPU_VOCAB_CHUNK", 4096)))
     rows = max(1, min(n, max(16, budget // V)))
     blocks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
-    z = torch.empty(rows, V)
+    chunks = [(v0, min(v0 + chunk, V)) for v0 in range(0, V, chunk)]
+    z = torch.empty(rows * V)
     gx = torch.empty(n, D)
     gw = torch.empty(V, D)
 
     def run():
         for i, (r0, r1) in enumerate(blocks):
-            zb = z[: r1 - r0]
-            torch.mm(h[r0:r1], weight.t(), out=zb)
-            torch.mm(zb, weight, out=gx[r0:r1])
-            if trained:
-                if i == 0:
-                    torch.mm(zb.t(), h[r0:r1], out=gw)
+            r = r1 - r0
+            zs = [z[r * v0: r * v1].view(r, v1 - v0) for v0, v1 in chunks]
+            for zc, (v0, v1) in zip(zs, chunks):
+                torch.mm(h[r0:r1], weight[v0:v1].t(), out=zc)
+            for k, (zc, (v0, v1)) in enumerate(zip(zs, chunks)):
+                if k == 0:
+                    torch.mm(zc, weight[v0:v1], out=gx[r0:r1])
                 else:
-                    gw.addmm_(zb.t(), h[r0:r1])
+                    gx[r0:r1].addmm_(zc, weight[v0:v1])
+                if trained:
+                    if i == 0:
+                        torch.mm(zc.t(), h[r0:r1], out=gw[v0:v1])
+                    else:
+                        gw[v0:v1].addmm_(zc.t(), h[r0:r1])
 
     return run, blocks
 

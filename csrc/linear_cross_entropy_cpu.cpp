@@ -16,10 +16,13 @@
 //     from the block that holds it, so V = 1 gives exactly 0.
 //   eager (gradients asked; see the Python docstring for when): per block of
 //     rows the logits of the whole vocabulary are formed ([rows, V] fp32, at
-//     most FREEZEKERN_CPU_LCE_BUFFER floats, default 2^23 = 32 MiB: it is alive at
-//     the step's peak, when the forward has just ended), then per row:
-//     pass 1 as above; pass 2 stores q = exp(z - max) dz/dy in place and sums
-//     exp(z - max) = s; q[target] -= s dz/dy[target]. The gradient of the row's
+//     most FREEZEKERN_CPU_LCE_BUFFER floats, default 2^24 = 64 MiB: it is alive at
+//     the step's peak, when the forward has just ended), held chunk-major (each
+//     vocabulary chunk a contiguous [rows, chunk] matrix: BLAS runs fastest on
+//     those, and the chunks are multiplied side by side, one per thread); pass 1
+//     as above on each chunk while it is in cache; then per row pass 2 stores
+//     q = exp(z - max) dz/dy in place and sums exp(z - max) = s;
+//     q[target] -= s dz/dy[target]. The gradient of the row's
 //     loss with respect to its logits is then q / s, so
 //       dh_rows = diag(1/s) (Q W),  dW += Q^T diag(1/s) x_rows,  db += Q^T (1/s):
 //     the 1/s scale rides on the small [rows, D] operands, no third pass.
@@ -35,6 +38,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -203,27 +207,48 @@ FK_MULTIVERSION void fold_rows(const FoldArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// Eager rows: [rows, vocab] raw logits -> q (see the header), lse, loss and 1/s per row.
+// Eager rows. The block's logits are held chunk-major: chunk k (vocabulary [k vc, k vc + vc_k)) is a
+// contiguous [rows, vc_k] matrix at logits + k rows vc, so every product runs on contiguous operands.
 struct EagerArgs {
   float* logits;
+  int64_t rows;  // rows in the block
   int64_t vocab;
+  int64_t vc;  // chunk width (the last chunk may be narrower)
   const float* bias;
   Cap cap;
   const int64_t* target;
+  float* chunk_max;  // [chunks, rows]: each chunk's max per row
   float* lse;
   float* loss;
   float* inv_sum;
 };
 
+FK_INLINE int64_t chunk_width(const EagerArgs& a, int64_t k) { return std::min(a.vc, a.vocab - k * a.vc); }
+
+FK_INLINE float* chunk_row(const EagerArgs& a, int64_t k, int64_t r) {
+  return a.logits + k * a.rows * a.vc + r * chunk_width(a, k);
+}
+
+// Chunk k just formed (still in cache): z = cap(l + b) in place, and its max per row.
+FK_MULTIVERSION void eager_chunk_max(const EagerArgs& a, int64_t k) {
+  const float* bias = a.bias ? a.bias + k * a.vc : nullptr;
+  for (int64_t r = 0; r < a.rows; ++r)
+    a.chunk_max[k * a.rows + r] = transform_max(chunk_row(a, k, r), bias, chunk_width(a, k), a.cap);
+}
+
+// Every chunk formed and transformed: z -> q = exp(z - max) dz/dy in place; lse, loss and 1/s per row.
 FK_MULTIVERSION void eager_rows(const EagerArgs& a, int64_t begin, int64_t end) {
+  const int64_t chunks = (a.vocab + a.vc - 1) / a.vc;
   for (int64_t r = begin; r < end; ++r) {
-    float* z = a.logits + r * a.vocab;
-    const float m = transform_max(z, a.bias, a.vocab, a.cap);
+    float m = a.chunk_max[r];
+    for (int64_t k = 1; k < chunks; ++k) m = std::max(m, a.chunk_max[k * a.rows + r]);
     const int64_t t = a.target[r];
-    const float zt = z[t];
-    const float s = exp_slope_sum(z, a.vocab, m, a.cap);
+    float* zt_at = chunk_row(a, t / a.vc, r) + t % a.vc;
+    const float zt = *zt_at;
+    float s = 0.0f;
+    for (int64_t k = 0; k < chunks; ++k) s += exp_slope_sum(chunk_row(a, k, r), chunk_width(a, k), m, a.cap);
     const float lse = m + std::log(s);
-    z[t] -= s * slope_of_z(zt, a.cap);
+    *zt_at -= s * slope_of_z(zt, a.cap);
     a.lse[r] = lse;
     a.loss[r] = lse - zt;
     a.inv_sum[r] = 1.0f / s;
@@ -302,6 +327,9 @@ at::Tensor weight_chunk(const at::Tensor& weight, int64_t v0, int64_t vc, at::Te
   return out;
 }
 
+// The eager path's logits block, in floats (FREEZEKERN_CPU_LCE_BUFFER).
+constexpr int64_t kEagerBuffer = int64_t{1} << 24;
+
 int64_t vocab_chunk(int64_t vocab) { return std::min(vocab, env_int("FREEZEKERN_CPU_VOCAB_CHUNK", 4096)); }
 
 int64_t row_block(int64_t nc, int64_t vchunk) {
@@ -357,6 +385,41 @@ struct EagerOut {
   at::Tensor gx, gw, gb;  // [Nc, D], [V, D], [V] fp32, undefined when not asked
 };
 
+// Runs f(k, slot) for every k in [0, n): one contiguous range of k per thread, slot = that thread's index
+// (< threads). Each call's BLAS product runs on its own thread (OpenMP does not nest), so the vocabulary
+// chunks of a block are multiplied side by side. The first exception is rethrown after the region.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t threads, const F& f) {
+  std::exception_ptr error;
+  const auto run = [&](int64_t begin, int64_t end, int64_t slot) {
+    try {
+      at::AutoDispatchBelowADInplaceOrView guard;  // thread-local: set on every worker
+      for (int64_t k = begin; k < end; ++k) f(k, slot);
+    } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical(freezekern_lce_error)
+#endif
+      if (!error) error = std::current_exception();
+    }
+  };
+#ifdef _OPENMP
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t per = (n + nt - 1) / nt;
+      const int64_t begin = std::min(n, tid * per);
+      run(begin, std::min(n, begin + per), tid);
+    }
+  } else {
+    run(0, n, 0);
+  }
+#else
+  run(0, n, 0);
+#endif
+  if (error) std::rethrow_exception(error);
+}
+
 EagerOut forward_eager(const LceInputs& in, const Counted& c, float* lse, float* loss, bool need_h, bool need_w,
                        bool need_b) {
   const int64_t nc = c.n, vocab = in.vocab, d = in.d;
@@ -366,55 +429,72 @@ EagerOut forward_eager(const LceInputs& in, const Counted& c, float* lse, float*
   if (need_w) out.gw = nc > 0 ? at::empty({vocab, d}, f32) : at::zeros({vocab, d}, f32);  // the first block writes it
   if (need_b) out.gb = at::zeros({vocab}, f32);
   if (nc == 0) return out;
-  const bool fp32_weight = in.weight.scalar_type() == at::kFloat;
-  const int64_t vchunk = fp32_weight ? vocab : vocab_chunk(vocab);
-  const int64_t budget = env_int("FREEZEKERN_CPU_LCE_BUFFER", int64_t{1} << 23);
+  const int64_t vchunk = vocab_chunk(vocab);
+  const int64_t chunks = (vocab + vchunk - 1) / vchunk;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+  const int64_t budget = env_int("FREEZEKERN_CPU_LCE_BUFFER", kEagerBuffer);
   const int64_t rb = std::max<int64_t>(1, std::min(nc, std::max<int64_t>(16, budget / vocab)));
   at::Tensor logits_buf = at::empty({rb * vocab}, f32);
-  at::Tensor weight_buf = fp32_weight ? at::Tensor() : at::empty({vchunk, d}, f32);
+  std::vector<at::Tensor> weight_bufs(static_cast<size_t>(threads));  // per thread: a 16-bit weight's chunk widened
+  if (in.weight.scalar_type() != at::kFloat)
+    for (auto& b : weight_bufs) b = at::empty({vchunk, d}, f32);
+  // per thread after the first: its share of dh (the first thread's goes straight into dh)
+  at::Tensor partial_gx = need_h && threads > 1 ? at::empty({threads - 1, rb, d}, f32) : at::Tensor();
+  std::vector<char> partial_used(static_cast<size_t>(threads));
   at::Tensor inv_sum = at::empty({rb}, f32);
+  std::vector<float> chunk_max(static_cast<size_t>(chunks * rb));
   const Cap cap = make_cap(in);
-  bool first_w = true;
   for (int64_t r0 = 0; r0 < nc; r0 += rb) {
     const int64_t rows = std::min(rb, nc - r0);
-    at::Tensor z = logits_buf.narrow(0, 0, rows * vocab).view({rows, vocab});
+    const auto chunk = [&](int64_t k) {
+      const int64_t vc = std::min(vchunk, vocab - k * vchunk);
+      return logits_buf.narrow(0, k * rows * vchunk, rows * vc).view({rows, vc});
+    };
+    const auto weight_of = [&](int64_t k, int64_t slot) {
+      const int64_t v0 = k * vchunk;
+      return weight_chunk(in.weight, v0, std::min(vchunk, vocab - v0), weight_bufs[static_cast<size_t>(slot)]);
+    };
     const at::Tensor x_rows = c.x.narrow(0, r0, rows);
-    for (int64_t v0 = 0; v0 < vocab; v0 += vchunk) {
-      const int64_t vc = std::min(vchunk, vocab - v0);
-      at::Tensor zc = z.narrow(1, v0, vc);
-      at::mm_out(zc, x_rows, weight_chunk(in.weight, v0, vc, weight_buf).t());
-    }
     at::Tensor inv = inv_sum.narrow(0, 0, rows);
-    EagerArgs a{z.data_ptr<float>(), vocab, opt_ptr<float>(in.bias), cap, c.target.data() + r0, lse + r0, loss + r0,
-                inv.data_ptr<float>()};
+    EagerArgs a{logits_buf.data_ptr<float>(), rows, vocab, vchunk, opt_ptr<float>(in.bias), cap, c.target.data() + r0,
+                chunk_max.data(), lse + r0, loss + r0, inv.data_ptr<float>()};
+    parallel_chunks(chunks, threads, [&](int64_t k, int64_t slot) {
+      at::Tensor zc = chunk(k);
+      at::mm_out(zc, x_rows, weight_of(k, slot).t());
+      eager_chunk_max(a, k);
+    });
     parallel_rows(rows, 1, [&](int64_t b, int64_t e) { eager_rows(a, b, e); });
-    at::Tensor x_scaled = (need_w || need_b) ? x_rows * inv.unsqueeze(1) : at::Tensor();
-    if (need_h) {
-      at::Tensor gx_rows = out.gx.narrow(0, r0, rows);
-      for (int64_t v0 = 0; v0 < vocab; v0 += vchunk) {
-        const int64_t vc = std::min(vchunk, vocab - v0);
-        const at::Tensor wc = weight_chunk(in.weight, v0, vc, weight_buf);
-        if (v0 == 0) {
-          at::mm_out(gx_rows, z.narrow(1, v0, vc), wc);
+    const at::Tensor x_scaled = (need_w || need_b) ? x_rows * inv.unsqueeze(1) : at::Tensor();
+    at::Tensor gx_rows = need_h ? out.gx.narrow(0, r0, rows) : at::Tensor();
+    std::fill(partial_used.begin(), partial_used.end(), 0);
+    parallel_chunks(chunks, threads, [&](int64_t k, int64_t slot) {
+      const int64_t v0 = k * vchunk, vc = std::min(vchunk, vocab - v0);
+      const at::Tensor q = chunk(k);
+      if (need_h) {
+        at::Tensor acc = slot == 0 ? gx_rows : partial_gx[slot - 1].narrow(0, 0, rows);
+        char& used = partial_used[static_cast<size_t>(slot)];
+        if (!used) {
+          at::mm_out(acc, q, weight_of(k, slot));
+          used = 1;
         } else {
-          gx_rows.addmm_(z.narrow(1, v0, vc), wc);
+          acc.addmm_(q, weight_of(k, slot));
         }
       }
+      if (need_w) {
+        at::Tensor gw_rows = out.gw.narrow(0, v0, vc);
+        if (r0 == 0) {
+          at::mm_out(gw_rows, q.t(), x_scaled);
+        } else {
+          gw_rows.addmm_(q.t(), x_scaled);
+        }
+      }
+      if (need_b) out.gb.narrow(0, v0, vc).addmv_(q.t(), inv);
+    });
+    if (need_h) {
+      for (int64_t slot = 1; slot < threads; ++slot)
+        if (partial_used[static_cast<size_t>(slot)]) gx_rows.add_(partial_gx[slot - 1].narrow(0, 0, rows));
       gx_rows.mul_(inv.unsqueeze(1));
     }
-    if (need_w) {
-      for (int64_t v0 = 0; v0 < vocab; v0 += vchunk) {
-        const int64_t vc = std::min(vchunk, vocab - v0);
-        at::Tensor gw_rows = out.gw.narrow(0, v0, vc);
-        if (first_w) {
-          at::mm_out(gw_rows, z.narrow(1, v0, vc).t(), x_scaled);
-        } else {
-          gw_rows.addmm_(z.narrow(1, v0, vc).t(), x_scaled);
-        }
-      }
-      first_w = false;
-    }
-    if (need_b) out.gb.addmv_(z.t(), inv);
   }
   return out;
 }

@@ -456,9 +456,20 @@ def test_opcheck_native_ops():
 
 
 @pytest.mark.skipif(not NATIVE_OK, reason="native kernel unavailable")
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(("chunk", "row_block", "buffer"), [(500, 7, 3000), (64, 1000, 1 << 20), (1031, 5, 16)])
-def test_native_cpu_chunking(monkeypatch, chunk, row_block, buffer):
-    """Several vocabulary chunks, row blocks and eager row blocks, with ragged ends (bf16 weight: widened per chunk)."""
+def test_native_cpu_chunking(monkeypatch, chunk, row_block, buffer, threads):
+    """Several vocabulary chunks, row blocks and eager row blocks, with ragged ends (bf16 weight: widened per chunk),
+    on one thread and with the eager chunks multiplied side by side (more threads than chunks included)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _chunking_cases(monkeypatch, chunk, row_block, buffer)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _chunking_cases(monkeypatch, chunk, row_block, buffer):
     monkeypatch.setenv("FREEZEKERN_CPU_VOCAB_CHUNK", str(chunk))
     monkeypatch.setenv("FREEZEKERN_CPU_ROW_BLOCK", str(row_block))
     monkeypatch.setenv("FREEZEKERN_CPU_LCE_BUFFER", str(buffer))
