@@ -80,8 +80,8 @@ from freezekern.profiler.setup import SetupFacts, describe_setup
 from freezekern.profiler.step_timing import (
     StepRecorder,
     StepTiming,
-    output_loss,
 )
+from freezekern.profiler.timing import train_step
 
 logger = logging.getLogger("freezekern.profile")
 
@@ -105,16 +105,6 @@ def init_optimizer_state(optimizer) -> None:
             p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def _train_step(model, batch, optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    out = model(**batch, use_cache=False)
-    loss = output_loss(out)
-    if loss is None:
-        raise ValueError(f"{type(model).__name__} returned no loss for a batch with labels")
-    loss.backward()
-    optimizer.step()
 
 
 def profile(
@@ -210,7 +200,7 @@ def profile(
                 try:
                     with PeakMemory(device) if measure_memory else nullcontext() as memory:
                         recorder.begin_step()
-                        _train_step(model, batch, optimizer)
+                        train_step(model, batch, optimizer, clear="before")
                         timing = recorder.end_step()
                 finally:
                     if cut_handle is not None:

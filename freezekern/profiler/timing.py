@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from freezekern.profiler.step_timing import output_loss
+
 
 def synchronize(device) -> None:
     device = torch.device(device)
@@ -30,15 +32,29 @@ def timed(fn: Callable[[], object], device="cpu") -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
-def train_step(model, batch: dict, optimizer, *, clip: float | None = None, params=None) -> torch.Tensor:
+def train_step(model, batch: dict, optimizer, *, clip: float | None = None, params=None,
+               clear: str = "after") -> torch.Tensor:
     """One optimizer step on ``batch`` (forward, backward, optional gradient-norm clipping over ``params``,
-    step, gradients set to None); returns the detached loss."""
-    loss = model(**batch, use_cache=False).loss
+    step); returns the detached loss.
+
+    ``clear``: when the gradients are set to None: "after" the step (they are
+    not alive between steps), or "before" the forward (they stay alive between
+    steps, as in a loop that zeroes first: the profiler's setting, whose memory
+    figures then include them).
+    """
+    if clear not in ("after", "before"):
+        raise ValueError(f"clear must be 'after' or 'before', got {clear!r}")
+    if clear == "before":
+        optimizer.zero_grad(set_to_none=True)
+    loss = output_loss(model(**batch, use_cache=False))
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} returned no loss for a batch with labels")
     loss.backward()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if clear == "after":
+        optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
