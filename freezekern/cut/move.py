@@ -16,7 +16,8 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None, model=None
 
     Everything is checked before anything changes: a bad k, a shallower k, a
     plan for another model or an engine that cannot stop updating parameters
-    mid-run (DeepSpeed ZeRO) raises and leaves the old boundary applied. If
+    mid-run (DeepSpeed ZeRO without its optimizer at hand, or offloading it to
+    NVMe) raises and leaves the old boundary applied. If
     applying the new boundary fails anyway, the old one is applied again
     before the error propagates. Parameters that become frozen go through
     ``freezekern.model.engines.stop_updating(params, optimizer, model)``:
@@ -26,7 +27,8 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None, model=None
     gradient is skipped, so saved optimizer states keep their layout. ``model``:
     the model as the engine wrapped it when that is not ``handle.model`` (a
     ``DistributedDataParallel``, whose reducer is then rebuilt over the
-    parameters still trained; a DeepSpeedEngine, refused). Adapters inside newly
+    parameters still trained; a DeepSpeedEngine, whose ZeRO optimizer then
+    holds the newly frozen parameters: ``freezekern.model.zero_pins``). Adapters inside newly
     frozen blocks are frozen too. A boundary source with a ``moved(new_handle)``
     method is told about the new handle.
     """

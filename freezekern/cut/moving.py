@@ -21,7 +21,8 @@ parameters lose their gradient and their optimizer state (Adam moments), a
 PyTorch optimizer skips parameters without a gradient, so neither momentum
 nor weight decay moves them; its backward stops at once (the cut moves
 above it). Engines that update flat buffers regardless of ``.grad``
-(DeepSpeed ZeRO) are refused by ``move_boundary`` itself.
+(DeepSpeed ZeRO) hold the newly frozen parameters instead
+(``freezekern.model.zero_pins``, through ``move_boundary``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import logging
 import torch
 
 from freezekern.cut.move import move_boundary
+from freezekern.model.engines import is_fsdp2, is_zero3_partitioned
 from freezekern.policy.moving import MovingSchedule, schedule_of
 
 logger = logging.getLogger("freezekern.cut.moving")
@@ -42,8 +44,11 @@ class MovingBoundary:
     ``handle``: the active ``FreezeHandle`` (its boundary must equal
     ``schedule.start``); ``schedule``: default the one of the plan the
     handle applied (``freezekern.policy.moving_plan``); ``optimizer``: the
-    optimizer to clear the state of newly frozen parameters from.
-    ``handle`` always names the current one.
+    optimizer to clear the state of newly frozen parameters from; ``model``:
+    the model as the training engine wrapped it, when it did (a
+    ``DistributedDataParallel``, whose reducer is rebuilt at each move; a
+    DeepSpeedEngine). ``handle`` always names the current one. The settle
+    signal reads whole weights: refused where they are sharded (ZeRO-3, FSDP2).
 
         plan = freezekern.policy.moving_plan(freezekern.plan(trace), run_steps=1000)
         mover = freezekern.MovingBoundary(freezekern.apply(model, plan), optimizer=optimizer)
@@ -51,7 +56,7 @@ class MovingBoundary:
             ...; optimizer.step(); mover.update((step + 1) / 1000)
     """
 
-    def __init__(self, handle, schedule: MovingSchedule | None = None, *, optimizer=None):
+    def __init__(self, handle, schedule: MovingSchedule | None = None, *, optimizer=None, model=None):
         if schedule is None:
             schedule = schedule_of(handle.plan) if handle.plan is not None else None
             if schedule is None:
@@ -64,9 +69,14 @@ class MovingBoundary:
         if schedule.end >= handle.num_layers:
             raise ValueError(f"the schedule ends at k={schedule.end}; the model has {handle.num_layers} blocks "
                              "and at least one must train")
+        if schedule.settle is not None and (is_zero3_partitioned(handle.model) or is_fsdp2(handle.model)):
+            raise ValueError("the moving boundary's settle signal compares whole block weights between steps, and "
+                             "this model's are sharded (DeepSpeed ZeRO-3 or FSDP2), so each rank would see only "
+                             "its shard: move on the schedule alone (settle=None), or train with DDP or ZeRO-1/2")
         self.handle = handle
         self.schedule = schedule
         self.optimizer = optimizer
+        self.model = model
         self.moves: list[dict] = []
         self._last: dict[int, torch.Tensor] = {}
         self._first_rate: dict[int, float] = {}
@@ -84,7 +94,7 @@ class MovingBoundary:
                 target, reason = self.boundary + 1, "settled"
         if target > self.boundary:
             old = self.boundary
-            self.handle = move_boundary(self.handle, target, optimizer=self.optimizer)
+            self.handle = move_boundary(self.handle, target, optimizer=self.optimizer, model=self.model)
             for index in range(old, target):
                 self._last.pop(index, None)
             self.moves.append({"fraction": fraction, "step": step, "from": old, "to": target, "why": reason})

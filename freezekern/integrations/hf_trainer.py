@@ -59,9 +59,11 @@ that the cut skips) with one warning that names
 Progressive freezing
 --------------------
 Under DDP the reducer is rebuilt over the parameters still trained at each
-move (``freezekern.model.engines.stop_updating``); under DeepSpeed
-ZeRO ``reselect_every`` is refused at ``on_train_begin`` (ZeRO's flat fp32
-partitions would keep updating newly frozen blocks).
+move (``freezekern.model.engines.stop_updating``); under DeepSpeed ZeRO the
+newly frozen parameters are pinned (``freezekern.model.zero_pins``: their fp32
+master fragments are written back after every optimizer step, so they never
+change; their backward and gradient communication stop, the optimizer's
+arithmetic over them does not).
 
 ``reselect_every=N`` re-traces the most recent training batch every N steps
 (a forward without the LM head; with the cosine metric the semantic basis
@@ -295,8 +297,14 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         wrapped = getattr(trainer, "model_wrapped", None)
         return wrapped if wrapped is not None else model
 
-    def _check_ddp_after_wrap(self, args, model, why: str, optimizer=None) -> None:
+    def _check_ddp_after_wrap(self, args, model, why: str, optimizer=None, deeper: bool = False) -> None:
+        """Raise before freezing after the engine was built, where that cannot work. ``deeper``: a boundary
+        moving deeper during training (DeepSpeed ZeRO: newly frozen parameters are pinned, see
+        ``freezekern.model.zero_pins``); otherwise the first freeze, which ZeRO must see at init."""
         engine = engine_name(self._wrapped_model(model), optimizer)
+        if engine is not None and engine.startswith("DeepSpeed") and deeper:
+            check_can_stop_updating(optimizer, self._wrapped_model(model))
+            return
         if engine is not None and engine.startswith("DeepSpeed"):
             raise EngineRefusal(
                 f"freezekern would {why} after {engine} built its optimizer over every parameter; its flat fp32 "
@@ -366,7 +374,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             if current is not None and current.boundary == restored.boundary:
                 self.handle, self.plan = current, restored
             elif current is not None and current.cut and restored.cut and restored.boundary > current.boundary:
-                self._check_ddp_after_wrap(args, model, "freeze more parameters", optimizer)
+                self._check_ddp_after_wrap(args, model, "freeze more parameters", optimizer, deeper=True)
                 self.handle = move_boundary(current, restored, optimizer=optimizer,
                                             model=self._wrapped_model(model))
                 self.plan = restored
@@ -395,9 +403,8 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             if not p.requires_grad:
                 p.grad = None
         if self.reselect_every:
-            check_can_stop_updating(optimizer, self._wrapped_model(model))  # DeepSpeed ZeRO: refused now
             self._check_ddp_after_wrap(args, model, "move the boundary during training (reselect_every)",
-                                       optimizer)
+                                       optimizer, deeper=True)
             self._batch_hook = model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
 
     def _after_late_freeze(self, model, optimizer) -> None:
@@ -427,16 +434,19 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         schedule = schedule_of(self.plan)
         if schedule is None:  # too short a run to move: the static boundary
             if self.handle.boundary < self.plan.boundary:
-                self._check_ddp_after_wrap(args, model, "freeze more parameters")
-                self.handle = move_boundary(self.handle, self.plan.boundary, optimizer=optimizer)
+                self._check_ddp_after_wrap(args, model, "freeze more parameters", optimizer, deeper=True)
+                self.handle = move_boundary(self.handle, self.plan.boundary, optimizer=optimizer,
+                                            model=self._wrapped_model(model))
             return
-        self._check_ddp_after_wrap(args, model, "move the boundary during training (moving=...)")
+        self._check_ddp_after_wrap(args, model, "move the boundary during training (moving=...)", optimizer,
+                                   deeper=True)
         if self.handle.boundary > schedule.start:
             raise RuntimeError(f"the cut is already at k={self.handle.boundary}, deeper than the moving boundary's "
                                f"start k={schedule.start}: a boundary never moves shallower")
         if self.handle.boundary < schedule.start:
-            self.handle = move_boundary(self.handle, schedule.start, optimizer=optimizer)
-        self.mover = MovingBoundary(self.handle, schedule, optimizer=optimizer)
+            self.handle = move_boundary(self.handle, schedule.start, optimizer=optimizer,
+                                        model=self._wrapped_model(model))
+        self.mover = MovingBoundary(self.handle, schedule, optimizer=optimizer, model=self._wrapped_model(model))
         self.handle = self.mover.update(state.global_step / max(state.max_steps, 1), state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -15,12 +15,14 @@ Two jobs, and the FSDP2 details of the cut:
   - DDP: the reducer is rebuilt over the parameters that still require grad
     (as DDP does when unpickled), so buckets and the "every parameter gets a
     gradient" check match the new boundary (no find_unused_parameters needed);
-  - DeepSpeed ZeRO (any stage): refused before anything changes. ZeRO keeps
-    fp32 master weights of every parameter it was given in flat partitions
-    and applies Adam and weight decay to them whether a gradient arrived or
-    not, so a parameter frozen after ``deepspeed.initialize`` would keep
-    changing. The fix: a boundary fixed before the engine is built
-    (``FreezeKernCallback()`` / ``plan=``, without ``reselect_every``).
+  - DeepSpeed ZeRO (any stage): pinned (``freezekern.model.zero_pins``).
+    ZeRO steps its flat fp32 partitions whether a gradient arrived or not, and
+    a parameter cannot leave them mid-run; this rank's fp32 fragment of each
+    newly frozen parameter is written back after every optimizer step, before
+    ZeRO copies the partitions into the model, so it never changes again.
+    Backward and gradient communication stop; the optimizer's arithmetic over
+    the fragment and its memory do not (a boundary decided before the engine
+    is built costs none of this). Refused with NVMe offload.
 
 * ``full_head(parts)``: a context giving the trace the LM head weight (and
   final norm) whole when an engine holds them sharded (ZeRO-3 partitions are
@@ -47,21 +49,21 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from freezekern.model import zero_pins
+from freezekern.model.engine_refusal import EngineRefusal as EngineRefusal  # public here
+from freezekern.model.engine_refusal import is_deepspeed_object
+
 logger = logging.getLogger("freezekern.engines")
-
-
-def _is_deepspeed(obj) -> bool:
-    return obj is not None and type(obj).__module__.startswith("deepspeed")
 
 
 def zero_stage(model=None, optimizer=None) -> int | None:
     """The DeepSpeed ZeRO stage of ``model`` (a DeepSpeedEngine) or ``optimizer`` (a ZeRO optimizer or
     accelerate's wrapper of one); 3 when ``model`` holds ZeRO-3 partitioned parameters; else None."""
     stage = getattr(model, "zero_optimization_stage", None)
-    if _is_deepspeed(model) and callable(stage):
+    if is_deepspeed_object(model) and callable(stage):
         return int(stage())
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if _is_deepspeed(inner):
+    inner = zero_pins.zero_optimizer(optimizer)  # accelerate's wrapper of a DeepSpeed optimizer, or one itself
+    if inner is not None:
         name = type(inner).__name__
         if "Stage3" in name:
             return 3
@@ -105,21 +107,11 @@ def engine_name(model=None, optimizer=None) -> str | None:
     return None
 
 
-class EngineRefusal(RuntimeError):
-    """The engine cannot do what freezekern was asked to do; the message names the engine and the fix."""
-
-
 def check_can_stop_updating(optimizer=None, model=None) -> None:
     """Raise EngineRefusal when ``stop_updating`` cannot work with this engine (changes nothing)."""
     stage = zero_stage(model, optimizer)
     if stage is not None:
-        raise EngineRefusal(
-            f"cannot freeze more parameters during training under DeepSpeed ZeRO-{stage}: its flat fp32 "
-            "partitions keep applying Adam and weight decay to every parameter it was given, gradient or not, so "
-            "newly frozen blocks would keep changing. Fix the boundary before the engine is built: "
-            "FreezeKernCallback() (decides at Trainer init) or FreezeKernCallback(plan=...), without "
-            "reselect_every; or train with DDP or FSDP2 to move the boundary"
-        )
+        zero_pins.check(optimizer, model, f"DeepSpeed ZeRO-{stage}")
 
 
 def stop_updating(params: Iterable[nn.Parameter], optimizer=None, model=None) -> None:
@@ -129,15 +121,22 @@ def stop_updating(params: Iterable[nn.Parameter], optimizer=None, model=None) ->
     or DeepSpeed's); ``model``: the model as the engine wrapped it (a
     ``DistributedDataParallel``, a DeepSpeedEngine) or the bare model. Call on
     every rank, between optimizer steps. Raises EngineRefusal, before any
-    change, where the engine cannot (DeepSpeed ZeRO: see the module docstring).
+    change, where the engine cannot (see the module docstring).
     """
     params = list(params)
     check_can_stop_updating(optimizer, model)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    state = getattr(inner, "state", None)
     for p in params:
         if p.requires_grad:
             raise ValueError("stop_updating got a parameter that still requires grad: freeze it first")
+    stage = zero_stage(model, optimizer)
+    if stage is not None:
+        for p in params:
+            p.grad = None
+        zero_pins.pin(params, optimizer, model, f"DeepSpeed ZeRO-{stage}")
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = getattr(inner, "state", None)
+    for p in params:
         p.grad = None
         if state is not None:
             state.pop(p, None)

@@ -126,3 +126,21 @@ def test_trainer_with_a_moving_boundary_never_changes_a_frozen_block_again(tmp_p
 
 def test_schedule_of_a_static_plan_is_none():
     assert schedule_of(_static_plan(_model(), 3)) is None
+
+
+def test_settle_signal_is_refused_on_sharded_weights():
+    """The settle signal compares whole block weights; a ZeRO-3 parameter (``ds_id``) is a shard: refused,
+    naming the fix, before anything moves."""
+    model = fk.tiny_model("llama", num_layers=4, hidden=16, vocab=64, seed=0)
+    handle = fk.apply(model, 1)
+    schedule = MovingSchedule(start=1, end=3, settle=0.5)
+    fk.MovingBoundary(handle, schedule)  # whole weights: accepted
+    weight = next(model.parameters())
+    weight.ds_id = 0
+    try:
+        with pytest.raises(ValueError, match="settle=None"):
+            fk.MovingBoundary(handle, schedule)
+        fk.MovingBoundary(handle, MovingSchedule(start=1, end=3))  # the schedule alone: accepted
+    finally:
+        del weight.ds_id
+    assert handle.active and handle.boundary == 1

@@ -154,6 +154,9 @@ def run_case(engine, case, out_dir, base, base_untied):
         "fused": lambda: FreezeKernCallback(calibration_batches=2, fused_loss=True),
         "moved": lambda: FreezeKernCallback(plan=2),
         "reselect": lambda: FreezeKernCallback(plan=2, reselect_every=1),
+        # the moving boundary: block 3 trains for two steps, then freezes for the third (one move)
+        "moving": lambda: FreezeKernCallback(plan=4, moving={"start": 3, "begin": 0.0, "finish": 0.34,
+                                                             "min_steps_per_move": 1}),
     }[case]()
 
     class Mover(TrainerCallback):
@@ -163,11 +166,28 @@ def run_case(engine, case, out_dir, base, base_untied):
             try:
                 callback.handle = move_boundary(callback.handle, 4, optimizer=optimizer, model=trainer.model_wrapped)
                 record["moved_to"] = callback.handle.boundary
+                if stage:
+                    from freezekern.model.zero_pins import pinned_count
+
+                    record["pinned_fragments"] = pinned_count(optimizer, trainer.model_wrapped)
             except EngineRefusal as exc:
                 record["move_refused"] = str(exc)
                 record["boundary_after_refusal"] = callback.handle.boundary
 
-    callbacks = [callback] + ([Mover()] if case == "moved" else [])
+    class Watcher(TrainerCallback):
+        """Every parameter frozen during training, as it was right after the step that froze it."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = {n for n, p in model.named_parameters() if p.requires_grad}
+            if self.trainable - now:  # the same on every rank: ZeRO-3's gather below is entered by all
+                at_move.update({n: t for n, t in _full(model).items() if n in self.trainable - now})
+            self.trainable = now
+
+    at_move = {}
+    callbacks = [callback] + ([Mover()] if case == "moved" else []) + [Watcher()]
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
                       callbacks=callbacks)
     record["applied_at_init"] = callback.handle is not None and callback.handle.active
@@ -194,8 +214,12 @@ def run_case(engine, case, out_dir, base, base_untied):
     record["frozen_bitwise_unchanged"] = all(torch.equal(final[n], initial[n]) for n in never)
     record["trained"] = sorted(trained_ever)
     record["max_diff"] = max(float((final[n] - reference[n]).abs().max()) for n in final)
+    if at_move:
+        record["moved_frozen_unchanged"] = all(torch.equal(final[n], t) for n, t in at_move.items())
+        record["moved_frozen_tensors"] = len(at_move)
     record["trained_changed"] = all(not torch.equal(final[n], initial[n]) for n in trained_ever)
     record["fused_calls"] = (callback.fused_loss_handle.stats["fused"] if callback.fused_loss_handle else 0)
+    record["moves"] = [list(m) for m in callback.moves]
     return record
 
 
@@ -214,7 +238,8 @@ def main(engine, out_dir):
     # the reference models are built before any DeepSpeed config exists (no zero.Init for them)
     base = fk.tiny_model("llama", num_layers=6, hidden=32, vocab=97, tie=True, seed=0)
     base_untied = fk.tiny_model("llama", num_layers=6, hidden=32, vocab=97, tie=False, seed=0)
-    cases = sys.argv[3].split(",") if len(sys.argv) > 3 else ["defaults", "plan", "fused", "moved", "reselect"]
+    cases = sys.argv[3].split(",") if len(sys.argv) > 3 else ["defaults", "plan", "fused", "moved", "reselect",
+                                                                  "moving"]
     records = []
     for case in cases:
         try:

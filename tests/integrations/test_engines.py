@@ -81,31 +81,39 @@ def _trainer_engine(engine, tmp_path):
     return ranks
 
 
+def _check_moved(cases):
+    """plan=2 moved to 4 after step 1: blocks 2 and 3 trained, then never changed again; reselect_every ran;
+    the moving boundary froze block 3 after step 2 and it never changed again."""
+    moved = cases["moved"]
+    assert moved["moved_to"] == 4 and moved["boundary"] == 4
+    _check_trained(moved, first_boundary=2)
+    assert min(moved["graph_blocks"]) == 2  # blocks 2 and 3 trained before the move
+    assert any(n.startswith("model.layers.2.") for n in moved["trained"])
+    assert moved["moved_frozen_tensors"] > 0 and moved["moved_frozen_unchanged"], moved  # bitwise, after the move
+    reselect = cases["reselect"]
+    assert reselect["boundary"] >= 2
+    _check_trained(reselect, first_boundary=2)
+    moving = cases["moving"]  # the moving boundary (FreezeKernCallback(moving=...)): block 3 frozen after step 2
+    assert moving["moves"] == [[2, 3, 4]] and moving["boundary"] == 4, moving
+    _check_trained(moving, first_boundary=3)
+    assert moving["moved_frozen_tensors"] > 0 and moving["moved_frozen_unchanged"], moving
+
+
 def test_ddp_trainer_defaults_plan_fused_and_moved_boundary(tmp_path):
     for cases in _trainer_engine("ddp", tmp_path):
-        moved = cases["moved"]
-        assert moved["moved_to"] == 4 and moved["boundary"] == 4
-        _check_trained(moved, first_boundary=2)
-        assert min(moved["graph_blocks"]) == 2  # blocks 3 and 4 trained before the move
-        assert any(n.startswith("model.layers.2.") for n in moved["trained"])
-        reselect = cases["reselect"]
-        assert reselect["boundary"] >= 2
-        _check_trained(reselect, first_boundary=2)
+        _check_moved(cases)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_zero_trainer_defaults_plan_fused_and_refused_moves(tmp_path, stage):
+def test_deepspeed_zero_trainer_defaults_plan_fused_and_moved_boundary(tmp_path, stage):
     pytest.importorskip("deepspeed")
-    for cases in _trainer_engine(f"zero{stage}", tmp_path):
+    ranks = _trainer_engine(f"zero{stage}", tmp_path)
+    for cases in ranks:
         if stage == 3:
             assert cases["defaults"]["partitioned_at_init"]  # the trace gathered zero.Init partitions
-        moved = cases["moved"]
-        assert f"ZeRO-{stage}" in moved["move_refused"] and "reselect_every" in moved["move_refused"]
-        assert moved["boundary_after_refusal"] == 2
-        _check_trained(moved, boundary=2)
-        reselect = cases["reselect"]
-        assert f"ZeRO-{stage}" in reselect["refused"]
-        assert reselect["steps_trained"] == 0 and reselect["unchanged_after_refusal"]
+        _check_moved(cases)
+    # every newly frozen tensor is pinned by the rank(s) holding its fp32 master fragment
+    assert sum(cases["moved"]["pinned_fragments"] for cases in ranks) >= ranks[0]["moved"]["moved_frozen_tensors"]
 
 
 def test_fsdp2_plan_moved_boundary_defaults_fused_and_remove(tmp_path):

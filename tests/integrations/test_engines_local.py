@@ -85,17 +85,69 @@ def test_full_head_copies_sharded_head_and_keeps_whole_one():
         parts.lm_head._parameters["weight"] = weight
 
 
+def _fake_zero(inner, stage=2, **attrs):
+    """A DeepSpeed ZeRO optimizer as freezekern sees one: recognised by its module, stepping ``inner``."""
+    cls = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2",
+                                             "zero_stage": stage})
+    zero = cls()
+    zero.optimizer = inner
+    for k, v in attrs.items():
+        setattr(zero, k, v)
+    return zero
+
+
 def test_zero_refusal_names_engine_and_fix():
-    # a DeepSpeedEngine is recognised by its module and asked for its stage
+    # a DeepSpeedEngine is recognised by its module and asked for its stage; without its ZeRO optimizer
+    # nothing can hold newly frozen parameters: refused, naming the engine and what to pass
     fake = type("DeepSpeedEngine", (), {"__module__": "deepspeed.runtime.engine",
                                         "zero_optimization_stage": lambda self: 2})()
-    with pytest.raises(EngineRefusal, match="ZeRO-2.*reselect_every"):
+    with pytest.raises(EngineRefusal, match="ZeRO-2.*pass optimizer="):
         check_can_stop_updating(None, fake)
     model = _model()
     handle = apply(model, 1)
     with pytest.raises(EngineRefusal, match="ZeRO-2"):
         move_boundary(handle, 2, model=fake)
     assert handle.active and handle.boundary == 1  # refused before anything changed
+    flat = torch.zeros(4, requires_grad=True)
+    swapped = _fake_zero(torch.optim.AdamW([flat]), swap_optimizer=True)
+    with pytest.raises(EngineRefusal, match="ZeRO-2 with the optimizer offloaded to NVMe"):
+        move_boundary(handle, 2, optimizer=swapped)
+    assert handle.active and handle.boundary == 1
+
+
+def test_zero_pins_hold_newly_frozen_parameters_bitwise():
+    """ZeRO-1/2 layout: each parameter's fp32 master is a fragment of a flat partition that AdamW (weight
+    decay 0.1) steps whatever the gradient; after a move the newly frozen fragments never change, the others
+    keep training, and the cut's handle moved."""
+    model = _model()
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).clone().requires_grad_(True)
+    offset = 0
+    for p in params:  # each parameter's fp32 fragment: a view of the flat partition, as DeepSpeed links them
+        p._hp_mapping = types.SimpleNamespace(hp_fragment=flat.detach()[offset: offset + p.numel()])
+        offset += p.numel()
+    inner = torch.optim.AdamW([flat], lr=1e-2, weight_decay=0.1)
+    zero = _fake_zero(inner)
+    handle = apply(model, 1)
+    for _ in range(2):
+        flat.grad = torch.randn_like(flat)
+        inner.step()
+    handle = move_boundary(handle, 2, optimizer=zero)
+    frozen_now = [p for p in handle.parts.blocks[1].parameters()]
+    assert frozen_now and not any(p.requires_grad for p in frozen_now)
+    from freezekern.model.zero_pins import pinned_count
+
+    assert pinned_count(zero) == len(frozen_now)
+    held = [p._hp_mapping.hp_fragment.clone() for p in frozen_now]
+    trained = params[-1]._hp_mapping.hp_fragment.clone()
+    for _ in range(3):
+        flat.grad = torch.randn_like(flat)
+        inner.step()
+    assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
+    assert not torch.equal(params[-1]._hp_mapping.hp_fragment, trained)  # the rest still trains
+    handle.remove()
+    for p in params:
+        del p._hp_mapping
 
 
 def test_callback_finds_its_trainer_at_init(tmp_path):
