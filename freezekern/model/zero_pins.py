@@ -98,6 +98,12 @@ def check(optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> None:
     """Raise EngineRefusal when parameters frozen now cannot be pinned under this ZeRO engine (``engine``
     names it in the message)."""
     zero = zero_optimizer(optimizer, model)
+    if zero is None and is_deepspeed_object(model) and getattr(model, "optimizer", None) is not None:
+        raise EngineRefusal(
+            f"{engine}: this DeepSpeed engine steps a plain optimizer without ZeRO partitions (stage 0), and "
+            "DeepSpeed gives parameters without a gradient zero gradients, so weight decay would keep moving "
+            "newly frozen ones. Decide the boundary before the engine is built (FreezeKernCallback() at "
+            "Trainer init, or plan=...), or train with ZeRO-1/2/3 or DDP to move it")
     if zero is None:
         raise EngineRefusal(
             f"{engine}: freezing more parameters during training (a moved boundary, reselect_every) needs the "

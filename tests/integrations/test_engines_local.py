@@ -108,6 +108,11 @@ def test_zero_refusal_names_engine_and_fix():
     with pytest.raises(EngineRefusal, match="ZeRO-2"):
         move_boundary(handle, 2, model=fake)
     assert handle.active and handle.boundary == 1  # refused before anything changed
+    stage0 = type("DeepSpeedEngine", (), {"__module__": "deepspeed.runtime.engine",
+                                          "zero_optimization_stage": lambda self: 0})()
+    stage0.optimizer = torch.optim.AdamW(model.parameters())  # no ZeRO optimizer: a plain one
+    with pytest.raises(EngineRefusal, match="ZeRO-0.*stage 0.*ZeRO-1/2/3 or DDP"):
+        move_boundary(handle, 2, model=stage0)
     flat = torch.zeros(4, requires_grad=True)
     swapped = _fake_zero(torch.optim.AdamW([flat]), swap_optimizer=True)
     with pytest.raises(EngineRefusal, match="ZeRO-2 with the optimizer offloaded to NVMe"):
