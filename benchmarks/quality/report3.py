@@ -9,7 +9,7 @@ losses only; test losses are reported.
 The savings-at-equal-quality figure: the target is full fine-tuning's best
 validation loss (the lowest point of its mean curve over seeds); the compute
 an arm needs is where its mean validation curve first reaches the target,
-interpolated linearly between checkpoints (every 5 % of the budget; the
+interpolated linearly between checkpoints (every 10 % of the budget; the
 untrained model's loss at 0); it is given as a share of the compute full
 fine-tuning needs to reach that point of its own curve, "not reached" when
 the arm never gets there within the budget. Only the seeds both arms have
