@@ -201,32 +201,40 @@ FK_INLINE float hmax(v16f v) {
   return m;
 }
 
-// Splits [0, n) into one contiguous range per thread (OpenMP, torch's thread
-// count). f must not throw.
+// Runs f(begin, end, slot) on one contiguous, non-empty range of [0, n) per
+// OpenMP thread, at most `threads` of them (slot: the thread's index, < threads);
+// on the calling thread alone when threads <= 1 or already inside a parallel
+// region. Returns false when OpenMP is absent and nothing ran.
 template <typename F>
-void parallel_rows(int64_t n, int64_t grain, const F& f) {
-  if (n <= 0) return;
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain));
+bool omp_ranges(int64_t n, int64_t threads, const F& f) {
+  if (n <= 0) return true;
 #ifdef _OPENMP
   if (threads > 1 && !omp_in_parallel()) {
 #pragma omp parallel num_threads(static_cast<int>(threads))
     {
       const int64_t tid = omp_get_thread_num();
-      const int64_t nt = omp_get_num_threads();
-      const int64_t chunk = (n + nt - 1) / nt;
-      const int64_t begin = tid * chunk;
-      const int64_t end = std::min(n, begin + chunk);
-      if (begin < end) f(begin, end);
+      const int64_t per = (n + omp_get_num_threads() - 1) / omp_get_num_threads();
+      const int64_t begin = std::min(n, tid * per);
+      const int64_t end = std::min(n, begin + per);
+      if (begin < end) f(begin, end, tid);
     }
-    return;
+    return true;
   }
 #else
-  if (threads > 1) {
-    at::parallel_for(0, n, grain, f);
-    return;
-  }
+  if (threads > 1) return false;
 #endif
-  f(0, n);
+  f(0, n, 0);
+  return true;
+}
+
+// Splits [0, n) into one contiguous range per thread (OpenMP, torch's thread
+// count; at most one per `grain` items). f must not throw.
+template <typename F>
+void parallel_rows(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain));
+  if (!omp_ranges(n, threads, [&](int64_t begin, int64_t end, int64_t) { f(begin, end); }))
+    at::parallel_for(0, n, grain, f);
 }
 
 inline int64_t env_int(const char* name, int64_t fallback) {

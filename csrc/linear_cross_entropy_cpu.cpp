@@ -402,21 +402,7 @@ void parallel_chunks(int64_t n, int64_t threads, const F& f) {
       if (!error) error = std::current_exception();
     }
   };
-#ifdef _OPENMP
-  if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(static_cast<int>(threads))
-    {
-      const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
-      const int64_t per = (n + nt - 1) / nt;
-      const int64_t begin = std::min(n, tid * per);
-      run(begin, std::min(n, begin + per), tid);
-    }
-  } else {
-    run(0, n, 0);
-  }
-#else
-  run(0, n, 0);
-#endif
+  if (!omp_ranges(n, threads, run)) run(0, n, 0);
   if (error) std::rethrow_exception(error);
 }
 
@@ -446,18 +432,16 @@ EagerOut forward_eager(const LceInputs& in, const Counted& c, float* lse, float*
   const Cap cap = make_cap(in);
   for (int64_t r0 = 0; r0 < nc; r0 += rb) {
     const int64_t rows = std::min(rb, nc - r0);
-    const auto chunk = [&](int64_t k) {
-      const int64_t vc = std::min(vchunk, vocab - k * vchunk);
-      return logits_buf.narrow(0, k * rows * vchunk, rows * vc).view({rows, vc});
-    };
-    const auto weight_of = [&](int64_t k, int64_t slot) {
-      const int64_t v0 = k * vchunk;
-      return weight_chunk(in.weight, v0, std::min(vchunk, vocab - v0), weight_bufs[static_cast<size_t>(slot)]);
-    };
-    const at::Tensor x_rows = c.x.narrow(0, r0, rows);
     at::Tensor inv = inv_sum.narrow(0, 0, rows);
     EagerArgs a{logits_buf.data_ptr<float>(), rows, vocab, vchunk, opt_ptr<float>(in.bias), cap, c.target.data() + r0,
                 chunk_max.data(), lse + r0, loss + r0, inv.data_ptr<float>()};
+    const auto chunk = [&](int64_t k) {
+      return logits_buf.narrow(0, k * rows * vchunk, rows * chunk_width(a, k)).view({rows, chunk_width(a, k)});
+    };
+    const auto weight_of = [&](int64_t k, int64_t slot) {
+      return weight_chunk(in.weight, k * vchunk, chunk_width(a, k), weight_bufs[static_cast<size_t>(slot)]);
+    };
+    const at::Tensor x_rows = c.x.narrow(0, r0, rows);
     parallel_chunks(chunks, threads, [&](int64_t k, int64_t slot) {
       at::Tensor zc = chunk(k);
       at::mm_out(zc, x_rows, weight_of(k, slot).t());
@@ -468,7 +452,7 @@ EagerOut forward_eager(const LceInputs& in, const Counted& c, float* lse, float*
     at::Tensor gx_rows = need_h ? out.gx.narrow(0, r0, rows) : at::Tensor();
     std::fill(partial_used.begin(), partial_used.end(), 0);
     parallel_chunks(chunks, threads, [&](int64_t k, int64_t slot) {
-      const int64_t v0 = k * vchunk, vc = std::min(vchunk, vocab - v0);
+      const int64_t v0 = k * vchunk, vc = chunk_width(a, k);
       const at::Tensor q = chunk(k);
       if (need_h) {
         at::Tensor acc = slot == 0 ? gx_rows : partial_gx[slot - 1].narrow(0, 0, rows);

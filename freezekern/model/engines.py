@@ -107,11 +107,13 @@ def engine_name(model=None, optimizer=None) -> str | None:
     return None
 
 
-def check_can_stop_updating(optimizer=None, model=None) -> None:
-    """Raise EngineRefusal when ``stop_updating`` cannot work with this engine (changes nothing)."""
+def check_can_stop_updating(optimizer=None, model=None) -> int | None:
+    """Raise EngineRefusal when ``stop_updating`` cannot work with this engine (changes nothing); returns the
+    ZeRO stage, None without ZeRO."""
     stage = zero_stage(model, optimizer)
     if stage is not None:
         zero_pins.check(optimizer, model, f"DeepSpeed ZeRO-{stage}")
+    return stage
 
 
 def stop_updating(params: Iterable[nn.Parameter], optimizer=None, model=None) -> None:
@@ -124,11 +126,10 @@ def stop_updating(params: Iterable[nn.Parameter], optimizer=None, model=None) ->
     change, where the engine cannot (see the module docstring).
     """
     params = list(params)
-    check_can_stop_updating(optimizer, model)
+    stage = check_can_stop_updating(optimizer, model)
     for p in params:
         if p.requires_grad:
             raise ValueError("stop_updating got a parameter that still requires grad: freeze it first")
-    stage = zero_stage(model, optimizer)
     if stage is not None:
         for p in params:
             p.grad = None

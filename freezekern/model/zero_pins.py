@@ -62,7 +62,7 @@ class _Pins:
 _PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _stage3_fragment(param: nn.Parameter, zero) -> torch.Tensor:
+def _stage3_fragment(param: nn.Parameter) -> torch.Tensor:
     from deepspeed.utils import safe_get_local_fp32_param
 
     with _requiring_grad(param):  # DeepSpeed answers only for parameters that require grad
@@ -84,7 +84,7 @@ def _fragment(param: nn.Parameter, zero) -> torch.Tensor | None:
     """This rank's fp32 master fragment of ``param`` (a view into ZeRO's partition), or None when the rank
     holds none of it."""
     if hasattr(param, "ds_id"):
-        return _stage3_fragment(param, zero)
+        return _stage3_fragment(param)
     mapping = getattr(param, "_hp_mapping", "absent")
     if mapping == "absent":
         raise EngineRefusal(f"{type(zero).__name__}: a parameter of shape {tuple(param.shape)} has no fp32 master "
