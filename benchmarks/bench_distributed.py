@@ -6,10 +6,17 @@
 
 One launch per (engine, freezing): ``torchrun --standalone --nproc_per_node 2
 benchmarks/bench_distributed.py ENGINE MODE MODEL K OUT_JSON``, where ENGINE is
-``zero3`` (``deepspeed.initialize``, ZeRO-3, persistence threshold 0, torch
-AdamW) or ``fsdp2`` (``fully_shard`` per block and the root, torch AdamW),
-MODE is ``cut`` (``freezekern.apply(model, k)``) or ``plain`` (the same
-parameters set ``requires_grad=False``, nothing else). Both with Hugging
+``zero3`` (``deepspeed.initialize``, ZeRO-3, persistence threshold 0, at most
+three blocks' parameters live and one block prefetched, torch AdamW; with
+DeepSpeed's defaults, 1e9 live parameters and a 5e7 prefetch bucket, a
+135M-parameter model stays gathered whole through the forward, about 540 MiB
+per rank in either arm, and ZeRO-3 shards nothing that the peak would show) or ``fsdp2`` (``fully_shard`` per block and the root, torch AdamW),
+MODE is ``cut`` (``freezekern.apply(model, k)``), ``plain`` (the same
+parameters set ``requires_grad=False``, nothing else), or either with
+``+fused``: the loss of the training forward from freezekern's fused LM-head
+op (``freezekern.cut.fused_loss``, what ``fused_loss=True`` gives; no
+[B, T, V] logits), so that the memory the cut saves and the memory the
+fused loss saves are told apart. All with Hugging
 Face gradient checkpointing (which makes the embedding output require grad, so
 plain freezing still runs the backward through the frozen blocks) and weight
 decay 0.1. After one warm-up step, per rank over ``STEPS`` steps:
@@ -24,7 +31,8 @@ decay 0.1. After one warm-up step, per rank over ``STEPS`` steps:
 
 Nothing about time is asserted. The test asserts what must hold whatever the
 machine: the cut's backward all-gathers only the trained blocks and the
-root, so its volume is at most (L - k + 1) / L of plain freezing's.
+root, so its volume is at most (L - k + 1) / L of plain freezing's, with or
+without the fused loss.
 """
 
 from __future__ import annotations
@@ -100,17 +108,24 @@ def _setup(model_name: str):
     return model, batch
 
 
+MODES = ("cut", "plain", "cut+fused", "plain+fused")
+
+
 def _freeze(model, mode: str, k: int) -> None:
     from freezekern import discover
     from freezekern.cut.freeze import apply
+    from freezekern.cut.fused_loss import fused_loss
 
-    if mode == "cut":
+    freezing, _, fused = mode.partition("+")
+    if freezing == "cut":
         apply(model, k)
-        return
-    parts = discover(model)
-    for module in [model.get_input_embeddings(), *parts.blocks[:k]]:
-        for p in module.parameters():
-            p.requires_grad_(False)
+    else:
+        parts = discover(model)
+        for module in [model.get_input_embeddings(), *parts.blocks[:k]]:
+            for p in module.parameters():
+                p.requires_grad_(False)
+    if fused:
+        fused_loss(model)
 
 
 def worker(engine: str, mode: str, model_name: str, k: int, out: str) -> None:
@@ -130,8 +145,11 @@ def worker(engine: str, mode: str, model_name: str, k: int, out: str) -> None:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo, counted here
         deepspeed.init_distributed(dist_backend="gloo")
+        block = sum(p.numel() for p in model.model.layers[0].parameters())
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                        "stage3_max_live_parameters": 3 * block,
+                                        "stage3_prefetch_bucket_size": block},
                   "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
         runner, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -214,26 +232,28 @@ def test_cut_against_plain_freezing(benchmark, tmp_path):
     def run_all():
         for engine in engines:
             results[engine] = {mode: launch(engine, mode, model_name, k, tmp_path / f"{engine}-{mode}")
-                               for mode in ("cut", "plain")}
+                               for mode in MODES}
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)
     benchmark.extra_info.update({"model": model_name, "k": k, "records": results})
     for engine, records in results.items():
         num_layers = records["cut"][0]["num_layers"]
         for rank in range(2):
-            cut, plain = records["cut"][rank], records["plain"][rank]
-            gather_ratio = cut["backward_bytes_per_step"]["gather"] / max(1, plain["backward_bytes_per_step"]["gather"])
-            total_ratio = _backward_total(cut) / max(1, _backward_total(plain))
-            memory_ratio = cut["peak_bytes"] / max(1, plain["peak_bytes"])
-            print(f"{engine} rank {rank}: peak {cut['peak_bytes'] / 2**20:.1f} / {plain['peak_bytes'] / 2**20:.1f} MiB "
-                  f"= {memory_ratio:.2f}x (goal <= 0.6x); backward collectives "
-                  f"{_backward_total(cut) / 2**20:.2f} / {_backward_total(plain) / 2**20:.2f} MiB = {total_ratio:.2f}x "
-                  f"(goal <= (L - k) / L = {(num_layers - k) / num_layers:.2f}); all-gathers {gather_ratio:.2f}x "
-                  f"{cut['backward_bytes_per_step']} vs {plain['backward_bytes_per_step']}")
-            # the cut gathers in backward only the trained blocks and the root unit
-            assert cut["backward_bytes_per_step"]["gather"] <= \
-                plain["backward_bytes_per_step"]["gather"] * (num_layers - k + 1) / num_layers
-
+            plain = records["plain"][rank]
+            for mode in ("cut", "cut+fused", "plain+fused"):
+                mine = records[mode][rank]
+                gather_ratio = (mine["backward_bytes_per_step"]["gather"]
+                                / max(1, plain["backward_bytes_per_step"]["gather"]))
+                total_ratio = _backward_total(mine) / max(1, _backward_total(plain))
+                memory_ratio = mine["peak_bytes"] / max(1, plain["peak_bytes"])
+                print(f"{engine} rank {rank} {mode} / plain: peak {mine['peak_bytes'] / 2**20:.1f} / "
+                      f"{plain['peak_bytes'] / 2**20:.1f} MiB = {memory_ratio:.2f}x (goal <= 0.6x); backward "
+                      f"collectives {_backward_total(mine) / 2**20:.2f} / {_backward_total(plain) / 2**20:.2f} MiB = "
+                      f"{total_ratio:.2f}x (goal <= (L - k) / L = {(num_layers - k) / num_layers:.2f}); all-gathers "
+                      f"{gather_ratio:.2f}x {mine['backward_bytes_per_step']} vs {plain['backward_bytes_per_step']}")
+            for mode in ("cut", "cut+fused"):  # the cut gathers in backward only the trained blocks and the root
+                assert records[mode][rank]["backward_bytes_per_step"]["gather"] <= \
+                    plain["backward_bytes_per_step"]["gather"] * (num_layers - k + 1) / num_layers, (engine, mode)
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
