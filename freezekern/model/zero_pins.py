@@ -28,12 +28,15 @@ pinned on this rank.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 
 import torch
 from torch import nn
 
 from freezekern.model.engine_refusal import EngineRefusal, is_deepspeed_object
+
+logger = logging.getLogger("freezekern.engines")
 
 
 def zero_optimizer(optimizer=None, model=None):
@@ -130,6 +133,12 @@ def pin(params, optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> i
     pins = _PINS.get(zero)
     if pins is None:
         pins = _PINS[zero] = _Pins(zero.optimizer)
+        logger.warning(
+            "%s: parameters frozen after the engine was built are pinned: their backward and gradient "
+            "communication stop, but ZeRO's optimizer still steps, all-gathers and holds them (SmolLM2, ZeRO-2, "
+            "2 CPU ranks: optimizer step 8.5x, whole step 1.54x against deciding the same boundary at init; "
+            "docs/benchmarks.md). Where the boundary is known before training, decide it before the engine is "
+            "built (FreezeKernCallback() at Trainer init, or plan=...)", engine)
     added = 0
     for p in params:
         if id(p) in pins.ids:

@@ -120,7 +120,7 @@ def test_zero_refusal_names_engine_and_fix():
     assert handle.active and handle.boundary == 1
 
 
-def test_zero_pins_hold_newly_frozen_parameters_bitwise():
+def test_zero_pins_hold_newly_frozen_parameters_bitwise(caplog):
     """ZeRO-1/2 layout: each parameter's fp32 master is a fragment of a flat partition that AdamW (weight
     decay 0.1) steps whatever the gradient; after a move the newly frozen fragments never change, the others
     keep training, and the cut's handle moved."""
@@ -137,7 +137,10 @@ def test_zero_pins_hold_newly_frozen_parameters_bitwise():
     for _ in range(2):
         flat.grad = torch.randn_like(flat)
         inner.step()
-    handle = move_boundary(handle, 2, optimizer=zero)
+    with caplog.at_level("WARNING", logger="freezekern.engines"):
+        handle = move_boundary(handle, 2, optimizer=zero)
+    warned = [r for r in caplog.records if "pinned" in r.getMessage()]
+    assert len(warned) == 1 and "decide it before the engine is built" in warned[0].getMessage()
     frozen_now = [p for p in handle.parts.blocks[1].parameters()]
     assert frozen_now and not any(p.requires_grad for p in frozen_now)
     from freezekern.model.zero_pins import pinned_count
@@ -150,6 +153,10 @@ def test_zero_pins_hold_newly_frozen_parameters_bitwise():
         inner.step()
     assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
     assert not torch.equal(params[-1]._hp_mapping.hp_fragment, trained)  # the rest still trains
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="freezekern.engines"):
+        handle = move_boundary(handle, 3, optimizer=zero)  # the same optimizer: said once
+    assert pinned_count(zero) > len(frozen_now) and not [r for r in caplog.records if "pinned" in r.getMessage()]
     handle.remove()
     for p in params:
         del p._hp_mapping
