@@ -10,8 +10,9 @@ step takes twice the steps), 150 per final run by default (``--budget``;
 losses are measured every 10 % of the budget, so the report can read off the
 compute each arm needs to reach full fine-tuning's best validation loss
 (linearly between checkpoints). On chat a checkpoint's two evaluations (6k
-tokens each) cost about as much as 10 % of the run's training on this CPU:
-every 5 % would have made its final runs about a third longer.
+tokens each) cost about as much as 10 % of the run's training on this CPU,
+so checkpoints every 10 % make its final runs about a third shorter than
+every 5 % would.
 
 Tasks (``tasks.py``, disjoint train / validation / test splits): code, chat,
 classify (as in study v2, resized to steps of about 256 tokens) and speeches

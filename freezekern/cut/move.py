@@ -48,7 +48,8 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None, model=None
     if handle.cut and k == handle.boundary and plan is None:
         return handle
     check_can_stop_updating(optimizer, engine_model)
-    before = {id(p) for p in trainable_parameters(model)}
+    grads = {p: p.grad for p in trainable_parameters(model)}  # apply drops frozen gradients: kept for a rollback
+    before = {id(p) for p in grads}
     source = handle.boundary_source
     old_plan = handle.plan if handle.plan is not None else handle.boundary
     # the fused loss does not depend on the boundary: it stays installed and moves to the new handle
@@ -59,22 +60,29 @@ def move_boundary(handle: FreezeHandle, plan_or_k, *, optimizer=None, model=None
     except BaseException:
         handle.fused_loss = fused
         raise
+    new = None
     try:
         new = apply(model, plan_or_k, train_head=train_head, train_final_norm=train_norm, parts=parts,
                     frozen_adapters="freeze", freeze_outside=handle._freeze_outside)
+        new.fused_loss = fused
+        newly_frozen = [p for p in model.parameters() if id(p) in before and not p.requires_grad]
+        stop_updating(newly_frozen, optimizer, engine_model)  # raises before changing anything of the engine
     except BaseException:
+        if new is not None and new.active:
+            new.fused_loss = None
+            new.remove()
         for p in model.parameters():  # restore the old flags, then the old cut
             if id(p) in before:
                 p.requires_grad_(True)
         restored = apply(model, old_plan, train_head=train_head, train_final_norm=train_norm, parts=parts,
                          frozen_adapters="freeze", freeze_outside=handle._freeze_outside)
         restored.fused_loss = fused
+        for p, grad in grads.items():
+            if p.requires_grad:
+                p.grad = grad
         if source is not None and hasattr(source, "moved"):
             source.moved(restored)
         raise
-    new.fused_loss = fused
-    newly_frozen = [p for p in model.parameters() if id(p) in before and not p.requires_grad]
-    stop_updating(newly_frozen, optimizer, engine_model)
     if source is not None and hasattr(source, "moved"):
         source.moved(new)
     logger.info("boundary moved %d -> %d: %d parameter tensors newly frozen", handle.boundary, new.boundary,

@@ -131,9 +131,9 @@ def stop_updating(params: Iterable[nn.Parameter], optimizer=None, model=None) ->
         if p.requires_grad:
             raise ValueError("stop_updating got a parameter that still requires grad: freeze it first")
     if stage is not None:
+        zero_pins.pin(params, optimizer, model, f"DeepSpeed ZeRO-{stage}")  # raises before pinning anything
         for p in params:
             p.grad = None
-        zero_pins.pin(params, optimizer, model, f"DeepSpeed ZeRO-{stage}")
         return
     inner = getattr(optimizer, "optimizer", optimizer)
     state = getattr(inner, "state", None)

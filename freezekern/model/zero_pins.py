@@ -131,19 +131,25 @@ def pin(params, optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> i
     check(optimizer, model, engine)
     zero = zero_optimizer(optimizer, model)
     pins = _PINS.get(zero)
+    known = pins.ids if pins is not None else set()
+    found = []  # every fragment first: a parameter that cannot be pinned raises before anything is pinned
+    for p in params:
+        if id(p) not in known and id(p) not in {id(q) for q, _ in found}:
+            found.append((p, _fragment(p, zero)))
+    if not found:
+        return 0
     if pins is None:
         pins = _PINS[zero] = _Pins(zero.optimizer)
-        logger.warning(
-            "%s: parameters frozen after the engine was built are pinned: their backward and gradient "
-            "communication stop, but ZeRO's optimizer still steps, all-gathers and holds them (SmolLM2, ZeRO-2, "
-            "2 CPU ranks: optimizer step 8.5x, whole step 1.54x against deciding the same boundary at init; "
-            "docs/benchmarks.md). Where the boundary is known before training, decide it before the engine is "
-            "built (FreezeKernCallback() at Trainer init, or plan=...)", engine)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            logger.warning(
+                "%s: parameters frozen after the engine was built are pinned: their backward and gradient "
+                "communication stop, but ZeRO's optimizer still steps them and keeps their fp32 masters and "
+                "moments (ZeRO-1/2 also all-gather them after every step); in one CPU benchmark that made a step "
+                "about 1.5x one with the same boundary decided at init (docs/benchmarks.md, bench_zero_pins). "
+                "Where the boundary is known before training, decide it before the engine is built "
+                "(FreezeKernCallback() at Trainer init, or plan=...)", engine)
     added = 0
-    for p in params:
-        if id(p) in pins.ids:
-            continue
-        fragment = _fragment(p, zero)
+    for p, fragment in found:
         pins.ids.add(id(p))
         if fragment is not None and fragment.numel() > 0:
             pins.fragments.append((fragment, fragment.detach().clone()))

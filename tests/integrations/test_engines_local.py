@@ -162,6 +162,34 @@ def test_zero_pins_hold_newly_frozen_parameters_bitwise(caplog):
         del p._hp_mapping
 
 
+def test_zero_move_that_cannot_pin_leaves_the_old_boundary():
+    """A newly frozen parameter ZeRO holds no fp32 master for: the move is refused with nothing half-done (the
+    old boundary applied, nothing pinned, gradients kept)."""
+    from freezekern.model.zero_pins import pinned_count
+
+    model = _model()
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    offset = 0
+    missing = next(iter(discover(model).blocks[1].parameters()))
+    for p in params:
+        if p is not missing:
+            p._hp_mapping = types.SimpleNamespace(hp_fragment=flat[offset: offset + p.numel()])
+        offset += p.numel()
+    zero = _fake_zero(torch.optim.AdamW([flat.requires_grad_(True)], lr=1e-2, weight_decay=0.1))
+    handle = apply(model, 1)
+    model(**_batch()).loss.backward()
+    block1 = list(handle.parts.blocks[1].parameters())
+    with pytest.raises(EngineRefusal, match="no fp32 master"):
+        move_boundary(handle, 2, optimizer=zero)
+    assert all(p.requires_grad and p.grad is not None for p in block1)
+    assert not any(p.requires_grad for p in handle.parts.blocks[0].parameters())
+    assert pinned_count(zero) == 0
+    for p in params:
+        if p is not missing:
+            del p._hp_mapping
+
+
 def test_callback_finds_its_trainer_at_init(tmp_path):
     from transformers import Trainer, TrainingArguments
 
