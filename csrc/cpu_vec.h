@@ -204,7 +204,8 @@ FK_INLINE float hmax(v16f v) {
 // Runs f(begin, end, slot) on one contiguous, non-empty range of [0, n) per
 // OpenMP thread, at most `threads` of them (slot: the thread's index, < threads);
 // on the calling thread alone when threads <= 1 or already inside a parallel
-// region. Returns false when OpenMP is absent and nothing ran.
+// region. Returns false, having run nothing, when OpenMP is absent and
+// threads > 1 (the caller picks its own fallback). f must not throw.
 template <typename F>
 bool omp_ranges(int64_t n, int64_t threads, const F& f) {
   if (n <= 0) return true;
