@@ -131,10 +131,11 @@ def pin(params, optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> i
     check(optimizer, model, engine)
     zero = zero_optimizer(optimizer, model)
     pins = _PINS.get(zero)
-    known = pins.ids if pins is not None else set()
+    seen = set(pins.ids) if pins is not None else set()
     found = []  # every fragment first: a parameter that cannot be pinned raises before anything is pinned
     for p in params:
-        if id(p) not in known and id(p) not in {id(q) for q, _ in found}:
+        if id(p) not in seen:
+            seen.add(id(p))
             found.append((p, _fragment(p, zero)))
     if not found:
         return 0
