@@ -394,6 +394,67 @@ def acceptance(views: list[TaskView]) -> list[str]:
     return lines + [""]
 
 
+CANDIDATES = (FULL, HALF, "shallow L/3", DEFAULT, "salf", MOVING_DEFAULT, "moving -> salf")  # the default's rules
+SAME_WHEN_ABSENT = {"moving -> salf": MOVING_DEFAULT}  # absent where salf's k is the default's
+
+
+def choose_default(losses: dict[str, dict[str, tuple | None]]) -> dict:
+    """The rule for the default, chosen on validation: ``losses`` task -> candidate -> (mean, half-range, n) of
+    the validation loss at the end of the budget (None: not run yet). Only tasks where every candidate has
+    run count; on each, a candidate's gap is its loss over the best candidate's, minus 1. Returns {"tasks":
+    [counted], "gaps": {candidate: {task: gap}}, "mean_gap": {candidate: mean}, "choice": the candidate with
+    the lowest mean gap (None before any task counts), "freezing_loses": [tasks where full fine-tuning beats
+    every freezing rule beyond the seed spread]}."""
+    def value(row, name):
+        return row.get(name) if name in row else row.get(SAME_WHEN_ABSENT.get(name))
+
+    tasks = [t for t, row in losses.items() if all(value(row, c) is not None for c in CANDIDATES)]
+    gaps = {c: {} for c in CANDIDATES}
+    loses = []
+    for t in tasks:
+        row = {c: value(losses[t], c) for c in CANDIDATES}
+        best = min(v[0] for v in row.values())
+        for c, v in row.items():
+            gaps[c][t] = v[0] / best - 1.0
+        full = row[FULL]
+        if all(full[0] + full[1] < v[0] - v[1] for c, v in row.items() if c != FULL):
+            loses.append(t)
+    mean_gap = {c: statistics.fmean(g.values()) for c, g in gaps.items() if g}
+    choice = min(mean_gap, key=lambda c: (mean_gap[c], CANDIDATES.index(c))) if mean_gap else None
+    return {"tasks": tasks, "gaps": gaps, "mean_gap": mean_gap, "choice": choice, "freezing_loses": loses}
+
+
+def default_section(views: list[TaskView]) -> list[str]:
+    """Which rule the default should be, on validation (the choice item 4 of the study asks for)."""
+    losses = {v.task: {n: v.at(n, "validation", 1.0) for n in CANDIDATES if n in v.arms} for v in views}
+    chosen = choose_default(losses)
+    lines = ["## The default, chosen on validation", "",
+             "Candidates: every boundary rule the default could be, \"full\" (do not freeze) included; LoRA is "
+             "reported, not a candidate. Mean validation loss over the seeds at the end of the budget, and its gap "
+             "to the task's best candidate; only tasks where every candidate has finished count (moving -> salf "
+             "is moving -> default where salf's k is the default's). Test is not used.", "",
+             "| candidate | " + " | ".join(v.task for v in views) + " | mean gap |",
+             "|---" * (len(views) + 2) + "|"]
+    for c in CANDIDATES:
+        cells = []
+        for v in views:
+            value = losses[v.task].get(c, losses[v.task].get(SAME_WHEN_ABSENT.get(c)))
+            gap = chosen["gaps"][c].get(v.task)
+            cells.append("–" if value is None else f"{value[0]:.4f}" + ("" if gap is None else f" ({gap:+.2%})"))
+        mean = chosen["mean_gap"].get(c)
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {'–' if mean is None else f'{mean:+.2%}'} |")
+    lines.append("")
+    if chosen["choice"] is None:
+        lines.append("No choice yet: no task has every candidate's finals.")
+    else:
+        lines.append(f"On {len(chosen['tasks'])} task(s) ({', '.join(chosen['tasks'])}) the lowest mean gap is "
+                     f"**{chosen['choice']}**" + (" (do not freeze)" if chosen["choice"] == FULL else "") + ". "
+                     + ("Full fine-tuning beats every freezing rule beyond the seed spread on: "
+                        + ", ".join(chosen["freezing_loses"]) + "." if chosen["freezing_loses"] else
+                        "On no counted task does full fine-tuning beat every freezing rule beyond the seed spread."))
+    return lines + [""]
+
+
 def _yes(value: bool | None) -> str:
     return "–" if value is None else ("yes" if value else "**no**")
 
@@ -486,6 +547,7 @@ def write_report(out: Path) -> None:
         (out / "results.md").write_text("\n".join(lines))
         return
     lines += acceptance(views)
+    lines += default_section(views)
     lines += savings_table(views)
     moving = plot_moving(out, views)
     if moving:

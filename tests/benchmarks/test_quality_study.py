@@ -117,6 +117,28 @@ def test_study3_reach_interpolates_and_says_not_reached(monkeypatch):
     assert reach(points, 4.0, 1.4) is None
 
 
+def test_study3_default_chosen_on_validation_by_mean_gap(monkeypatch):
+    _study3(monkeypatch)
+    from report3 import CANDIDATES, choose_default
+
+    def row(**losses):
+        values = {c: (3.0, 0.01, 2) for c in CANDIDATES}
+        values.update({name.replace("_", " "): (v, 0.01, 2) for name, v in losses.items()})
+        return values
+
+    a = row(full=2.90)  # full best by 3.4 %
+    b = row(freeze_half=2.70)  # freeze half best by 11 %
+    b.pop("moving -> salf")  # salf's k is the default's here: moving -> default stands in
+    chosen = choose_default({"a": a, "b": b, "c": {**row(), "salf": None}})
+    assert chosen["tasks"] == ["a", "b"]  # c: salf has not run
+    assert chosen["choice"] == "freeze half"
+    assert chosen["gaps"]["full"]["b"] == pytest.approx(3.0 / 2.7 - 1)
+    assert chosen["gaps"]["moving -> salf"]["b"] == chosen["gaps"]["moving -> default"]["b"]
+    assert chosen["freezing_loses"] == ["a"]  # full beats every freezing rule beyond the spread on a only
+    assert choose_default({"a": {**a, "full": (3.0, 0.2, 2)}})["freezing_loses"] == []  # within the spread
+    assert choose_default({"c": {**row(), "salf": None}})["choice"] is None
+
+
 @pytest.mark.slow
 def test_study3_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
     pytest.importorskip("yaml")
@@ -140,8 +162,8 @@ def test_study3_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
         assert moving and all(r["moves"] and r["moves"][-1]["to"] == r["arm"]["boundary"] for r in moving)
         assert not list((tmp_path / ".state").iterdir())  # every run finished and removed its state
         report = (tmp_path / "results.md").read_text()
-        for section in ("## Acceptance", "## Savings at equal quality", "## Task: speeches", "Pareto front",
-                        "## The moving boundary"):
+        for section in ("## Acceptance", "## The default, chosen on validation", "## Savings at equal quality",
+                        "## Task: speeches", "Pareto front", "## The moving boundary"):
             assert section in report
         for name in ("speeches_compute.png", "moving_boundary.png"):
             assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
