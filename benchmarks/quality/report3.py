@@ -69,7 +69,7 @@ class TaskView:
         self.grid = {n: grid_scores(runs, name, a, settings) for n, a in self.arms.items()}
         self.grid_partial = {n: {lr: runs.get(run_key(name, dataclasses.replace(a, lr=lr), 0,
                                                       settings.grid_share * settings.budget))
-                                 for lr in lr_grid(a, settings)} for n, a in self.arms.items()}
+                                 for lr in lr_grid(a, settings, runs, name)} for n, a in self.arms.items()}
         self.tuned: dict[str, Arm | None] = {}
         self.records: dict[str, dict[int, dict]] = {}
         for n, arm in self.arms.items():

@@ -25,8 +25,11 @@ the same towards salf's k where it differs. Arms that train identically
 
 Learning rate per arm: a grid of three (full weights 3e-5, 1e-4, 3e-4; LoRA
 3e-4, 1e-3, 3e-3) at 25 % of the budget (the schedule compressed to it),
-seed 0, chosen by validation loss; then the whole budget at that rate,
-seeds 0 and 1. Test is only reported, never used for a choice.
+seed 0, chosen by validation loss; where the best rate is at an edge of the
+grid, the grid grows by a half-decade past it (1e-5 below 3e-5, 1e-3 above
+3e-4, ...), at most twice on each side, until the best rate is inside it;
+then the whole budget at that rate, seeds 0 and 1. Test is only reported,
+never used for a choice.
 
 One global queue, in this order: every task's plans; every task's grid;
 the finals at seed 0 (code, chat, classify, speeches); then at seed 1. A
@@ -51,6 +54,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -87,6 +91,7 @@ class Settings:
     grid_share: float = 0.25
     checkpoints: tuple = tuple(round(0.1 * i, 1) for i in range(1, 11))
     grid_checkpoints: tuple = (0.5, 1.0)
+    grid_extend: int = 2  # half-decades a grid may grow past an edge where its best rate lies, on each side
     schedule: dict = dataclasses.field(default_factory=SCHEDULE.to_dict)
     moving: dict = dataclasses.field(default_factory=lambda: dict(MOVING))
     model: str = "smollm2-135m-instruct"
@@ -101,7 +106,7 @@ FULL = Settings(budget=150.0, sizes={"code": (64, 4, 128 * 1024, 2048, 2048), "c
                                      "speeches": (64, 4, 128 * 1024, 2048, 2048)})
 QUICK = Settings(budget=4.0, sizes={"code": (32, 2, 8 * 64, 128, 128), "chat": (64, 2, 8 * 128, 256, 256),
                                     "classify": (32, 2, 16 * 32, 256, 128), "speeches": (32, 2, 8 * 64, 128, 128)},
-                 full_lrs=(3e-3,), lora_lrs=(1e-2,), checkpoints=(0.5, 1.0),
+                 full_lrs=(3e-3,), lora_lrs=(1e-2,), checkpoints=(0.5, 1.0), grid_extend=0,
                  model="tiny llama (6 blocks, hidden 64)")
 
 
@@ -164,21 +169,54 @@ def config_key(arm: Arm) -> str:
     return dataclasses.replace(arm, name="", lr=1.0).key()
 
 
-def lr_grid(arm: Arm, settings: Settings) -> tuple:
-    return settings.lora_lrs if arm.lora else settings.full_lrs
+def half_decade(lr: float, up: bool) -> float:
+    """The next rate of the 1, 3, 10, 30, ... ladder above or below ``lr`` (which must be on it)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10 ** exponent)
+    if mantissa not in (1, 3):
+        raise ValueError(f"{lr:g} is not on the 1, 3, 10, 30 ladder")
+    if up:
+        return float(f"{3 if mantissa == 1 else 1}e{exponent if mantissa == 1 else exponent + 1}")
+    return float(f"{1 if mantissa == 3 else 3}e{exponent if mantissa == 3 else exponent - 1}")
 
 
-def grid_scores(runs: dict, task: str, arm: Arm, settings: Settings) -> dict[float, float] | None:
-    """Learning rate -> validation loss at the end of the grid run; None until every rate has run
-    (a run that diverged scores infinity)."""
+def lr_grid(arm: Arm, settings: Settings, runs: dict | None = None, task: str | None = None) -> tuple:
+    """The arm's rates: the base grid, extended (given the runs) one half-decade at a time past an edge
+    where the best rate so far lies, at most ``settings.grid_extend`` times on each side; in increasing order."""
+    grid = sorted(settings.lora_lrs if arm.lora else settings.full_lrs)
+    if runs is None or not settings.grid_extend:
+        return tuple(grid)
+    extended = {False: 0, True: 0}
+    while True:
+        scores = _scores(runs, task, arm, settings, grid)
+        if scores is None:
+            return tuple(grid)
+        best = min(scores, key=lambda lr: (scores[lr], lr))
+        if best == grid[0] and extended[False] < settings.grid_extend:
+            grid.insert(0, half_decade(grid[0], up=False))
+            extended[False] += 1
+        elif best == grid[-1] and extended[True] < settings.grid_extend:
+            grid.append(half_decade(grid[-1], up=True))
+            extended[True] += 1
+        else:
+            return tuple(grid)
+
+
+def _scores(runs: dict, task: str, arm: Arm, settings: Settings, grid) -> dict[float, float] | None:
     budget = settings.grid_share * settings.budget
     scores = {}
-    for lr in lr_grid(arm, settings):
+    for lr in grid:
         record = runs.get(run_key(task, dataclasses.replace(arm, lr=lr), 0, budget))
         if record is None:
             return None
         scores[lr] = record["rows"][-1]["validation_loss"] if record.get("rows") else float("inf")
     return scores
+
+
+def grid_scores(runs: dict, task: str, arm: Arm, settings: Settings) -> dict[float, float] | None:
+    """Learning rate -> validation loss at the end of the grid run, over the arm's whole (extended) grid; None
+    until every rate of it has run (a run that diverged scores infinity)."""
+    return _scores(runs, task, arm, settings, lr_grid(arm, settings, runs, task))
 
 
 def chosen_lr(runs: dict, task: str, arm: Arm, settings: Settings) -> float | None:
@@ -216,7 +254,7 @@ def job_list(tasks: list[str], settings: Settings, out: Path, runs: dict) -> tup
         for arm in arms.values():
             configs.setdefault(config_key(arm), arm)
         for arm in configs.values():
-            for lr in lr_grid(arm, settings):
+            for lr in lr_grid(arm, settings, runs, name):
                 tuned = dataclasses.replace(arm, lr=lr)
                 budget = settings.grid_share * settings.budget
                 grid_jobs.append(Job(run_key(name, tuned, 0, budget), name, "grid", tuned, 0, budget))

@@ -106,6 +106,43 @@ def test_study3_queue_order_plans_grids_then_finals_by_seed(tmp_path, monkeypatc
         settings.full_lrs[0]}
 
 
+def test_study3_grid_grows_past_an_edge_where_the_best_rate_lies(tmp_path, monkeypatch):
+    """A best rate at the grid's edge adds the next half-decade past it (at most grid_extend times a side); the
+    final waits for the grown grid and takes its best rate."""
+    study3 = _study3(monkeypatch)
+
+    assert study3.half_decade(3e-5, up=False) == 1e-5 and study3.half_decade(1e-5, up=False) == 3e-6
+    assert study3.half_decade(3e-4, up=True) == 1e-3 and study3.half_decade(1e-3, up=True) == 3e-3
+    with pytest.raises(ValueError, match="ladder"):
+        study3.half_decade(2e-4, up=True)
+    settings = dataclasses.replace(study3.QUICK, full_lrs=(3e-5, 1e-4, 3e-4), lora_lrs=(1e-2,), grid_extend=2,
+                                   seeds=(0,))
+    plans = {"num_layers": 6, "plans": {"gain_share/cosine": {"boundary": 3}, "salf/cosine": {"boundary": 3}}}
+    (tmp_path / "plans_code.json").write_text(json.dumps(plans))
+    full = study3.arms_for(plans, settings.moving)["full"]
+    loss = {3e-6: 1.2, 1e-5: 1.0, 3e-5: 1.5, 1e-4: 2.0, 3e-4: 3.0}  # best below the base grid, inside after one step
+    runs = {}
+
+    def full_jobs():
+        jobs, _ = study3.job_list(["code"], settings, tmp_path, runs)
+        return [j for j in jobs if j.arm is not None and j.arm.boundary is None and not j.arm.lora]
+
+    for expected in ((3e-5, 1e-4, 3e-4), (1e-5, 3e-5, 1e-4, 3e-4), (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)):
+        grid = [j for j in full_jobs() if j.stage == "grid"]
+        assert tuple(sorted(j.arm.lr for j in grid)) == expected
+        assert not [j for j in full_jobs() if j.stage == "final"]  # no final while the grid may still grow
+        for job in grid:
+            runs[job.key] = {"key": job.key, "stage": "grid", "rows": [{"validation_loss": loss[job.arm.lr]}]}
+    assert study3.lr_grid(full, settings, runs, "code") == (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)
+    assert [j.arm.lr for j in full_jobs() if j.stage == "final"] == [1e-5]
+    # at most grid_extend steps a side: a best rate still at the edge then stays there
+    lowest = next(j for j in full_jobs() if j.stage == "grid" and j.arm.lr == 3e-6)
+    runs[lowest.key] = {"key": lowest.key, "stage": "grid", "rows": [{"validation_loss": 0.5}]}
+    assert study3.lr_grid(full, settings, runs, "code")[0] == 3e-6  # no third step down
+    assert study3.chosen_lr(runs, "code", full, settings) == 3e-6
+    assert study3.lr_grid(full, dataclasses.replace(settings, grid_extend=0), runs, "code") == (3e-5, 1e-4, 3e-4)
+
+
 def test_study3_reach_interpolates_and_says_not_reached(monkeypatch):
     _study3(monkeypatch)
     from report3 import reach
