@@ -257,5 +257,6 @@ def test_cut_against_plain_freezing(benchmark, tmp_path):
                 assert records[mode][rank]["backward_bytes_per_step"]["gather"] <= \
                     plain["backward_bytes_per_step"]["gather"] * (num_layers - k + 1) / num_layers, (engine, mode)
 
+
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])

@@ -398,6 +398,11 @@ CANDIDATES = (FULL, HALF, "shallow L/3", DEFAULT, "salf", MOVING_DEFAULT, "movin
 SAME_WHEN_ABSENT = {"moving -> salf": MOVING_DEFAULT}  # absent where salf's k is the default's
 
 
+def _candidate(row: dict, name: str):
+    """``row[name]``, or the value of the arm that trains alike where ``name`` is absent from the task."""
+    return row.get(name) if name in row else row.get(SAME_WHEN_ABSENT.get(name))
+
+
 def choose_default(losses: dict[str, dict[str, tuple | None]]) -> dict:
     """The rule for the default, chosen on validation: ``losses`` task -> candidate -> (mean, half-range, n) of
     the validation loss at the end of the budget (None: not run yet). Only tasks where every candidate has
@@ -405,14 +410,11 @@ def choose_default(losses: dict[str, dict[str, tuple | None]]) -> dict:
     [counted], "gaps": {candidate: {task: gap}}, "mean_gap": {candidate: mean}, "choice": the candidate with
     the lowest mean gap (None before any task counts), "freezing_loses": [tasks where full fine-tuning beats
     every freezing rule beyond the seed spread]}."""
-    def value(row, name):
-        return row.get(name) if name in row else row.get(SAME_WHEN_ABSENT.get(name))
-
-    tasks = [t for t, row in losses.items() if all(value(row, c) is not None for c in CANDIDATES)]
+    tasks = [t for t, row in losses.items() if all(_candidate(row, c) is not None for c in CANDIDATES)]
     gaps = {c: {} for c in CANDIDATES}
     loses = []
     for t in tasks:
-        row = {c: value(losses[t], c) for c in CANDIDATES}
+        row = {c: _candidate(losses[t], c) for c in CANDIDATES}
         best = min(v[0] for v in row.values())
         for c, v in row.items():
             gaps[c][t] = v[0] / best - 1.0
@@ -438,7 +440,7 @@ def default_section(views: list[TaskView]) -> list[str]:
     for c in CANDIDATES:
         cells = []
         for v in views:
-            value = losses[v.task].get(c, losses[v.task].get(SAME_WHEN_ABSENT.get(c)))
+            value = _candidate(losses[v.task], c)
             gap = chosen["gaps"][c].get(v.task)
             cells.append("–" if value is None else f"{value[0]:.4f}" + ("" if gap is None else f" ({gap:+.2%})"))
         mean = chosen["mean_gap"].get(c)
