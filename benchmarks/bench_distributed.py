@@ -40,15 +40,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from two_ranks import launch, model_and_batch
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
 STEPS = 3
-ROOT = Path(__file__).resolve().parent.parent
 
 _GATHERS = ("all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather",
             "all_gather_coalesced", "_all_gather_base_coalesced")
@@ -93,22 +91,6 @@ def _largest_tensor_bytes(values) -> int:
     return best
 
 
-def _setup(model_name: str):
-    from freezekern import tiny_model
-
-    if model_name == "tiny":
-        model = tiny_model("llama", num_layers=12, hidden=128, vocab=2048, tie=True, seed=0)
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, 2048, (2, 128), generator=gen)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        return model, batch
-    from freezekern import load_default_model, make_batches
-
-    model, tokenizer = load_default_model()
-    batch = make_batches(tokenizer, seq_len=256, num_tokens=2 * 256, batch_size=2)[0]
-    return model, batch
-
-
 MODES = ("cut", "plain", "cut+fused", "plain+fused")
 
 
@@ -136,7 +118,7 @@ def worker(engine: str, mode: str, model_name: str, k: int, out: str) -> None:
 
     torch.set_num_threads(1)
     volume = CollectiveVolume()  # before DeepSpeed caches the collective functions
-    model, batch = _setup(model_name)
+    model, batch = model_and_batch(model_name)
     model.train()
     model.gradient_checkpointing_enable()
     _freeze(model, mode, k)
@@ -195,19 +177,6 @@ def worker(engine: str, mode: str, model_name: str, k: int, out: str) -> None:
     dist.barrier()
 
 
-def launch(engine: str, mode: str, model_name: str, k: int, out: Path) -> list[dict]:
-    """Run one (engine, mode) on 2 CPU ranks; returns both ranks' records."""
-    env = dict(os.environ)
-    env.update({"PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-                "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
-                "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               __file__, engine, mode, model_name, str(k), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
-
-
 def _backward_total(record) -> int:
     return sum(record["backward_bytes_per_step"].values())
 
@@ -232,7 +201,7 @@ def test_cut_against_plain_freezing(benchmark, tmp_path):
 
     def run_all():
         for engine in engines:
-            results[engine] = {mode: launch(engine, mode, model_name, k, tmp_path / f"{engine}-{mode}")
+            results[engine] = {mode: launch(__file__, [engine, mode, model_name, k], tmp_path / f"{engine}-{mode}")
                                for mode in MODES}
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)

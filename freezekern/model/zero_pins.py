@@ -11,18 +11,28 @@ before ZeRO copies the partitions into the model's parameters (and
 all-gathers them, ZeRO-1/2) or into its parameter shards (ZeRO-3). The
 parameter therefore never changes again, bitwise, on every rank.
 
-What stops: its backward (the cut moved above it) and its gradient
-communication (no gradient arrives, so nothing of it is reduced). What does
-not: the optimizer's arithmetic over its fragment (done, then undone) and
-the memory of its fp32 copy and moments, which stay in ZeRO's partitions
-until the engine is rebuilt; the copy costs this rank's share of the frozen
-parameters in fp32 once more. A boundary decided before the engine is built
+What stops: its backward (the cut moved above it), its gradient
+communication (no gradient arrives, so nothing of it is reduced) and, when
+ZeRO steps its partitions with torch's Adam or AdamW (the Trainer's default
+optimizer), the optimizer's arithmetic over its fragment: for the length of
+each step the partition is handed to the optimizer as views of its unpinned
+ranges, with views of their moments (Adam is elementwise, so every other
+element gets exactly the update it would have had). With any other
+optimizer (DeepSpeed's FusedAdam or CPU Adam, from the config's
+``optimizer`` section) the fragment is stepped and then written back. What
+does not stop: ZeRO's bookkeeping over the whole partition (flattening the
+gradients with zeros for the frozen ones, the norm, copying the partition
+into the model and, ZeRO-1/2, all-gathering it) and the memory of the fp32
+copy and moments, which stay in ZeRO's partitions until the engine is
+rebuilt; the pinned copy costs this rank's share of the frozen parameters in
+fp32 once more. A boundary decided before the engine is built
 (``FreezeKernCallback()`` at Trainer init) costs none of this.
 
 Interface: ``check(optimizer, model)`` raises ``EngineRefusal`` (before
 anything changes) when pinning cannot work here; ``pin(params, optimizer,
 model)`` pins; ``pinned_count(optimizer, model)`` says how many tensors are
-pinned on this rank.
+pinned on this rank, ``left_out_of_last_step(optimizer, model)`` how many of
+their fp32 elements the last optimizer step did not compute.
 """
 
 from __future__ import annotations
@@ -48,18 +58,95 @@ def zero_optimizer(optimizer=None, model=None):
     return None
 
 
+_ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW)  # per element: a range of a tensor steps as it would whole
+_MOMENTS = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"})  # their per-element state; "step" is a count
+
+
 class _Pins:
-    """The pinned fragments of one ZeRO optimizer and the hook that writes them back."""
+    """The pinned fragments of one ZeRO optimizer (``inner``: the torch optimizer stepping its partitions) and
+    the hooks that keep them out of each step (Adam, AdamW) and write them back after it (any optimizer)."""
 
     def __init__(self, inner: torch.optim.Optimizer):
         self.fragments: list[tuple[torch.Tensor, torch.Tensor]] = []  # (view into the fp32 partition, copy)
         self.ids: set[int] = set()
-        self.hook = inner.register_step_post_hook(self._restore)
+        self.narrows = type(inner) in _ELEMENTWISE
+        self._swapped: list[tuple[dict, list]] = []  # (param group, its params before the step)
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # (partition, view of one unpinned range)
+        self.left_out: dict[int, int] = {}  # id(partition) -> pinned elements its latest step did not compute
+        self.hooks = [inner.register_step_pre_hook(self._narrow), inner.register_step_post_hook(self._widen)]
+
+    def unpinned_ranges(self, flat: torch.Tensor) -> list[tuple[int, int]] | None:
+        """The [start, end) element ranges of the 1-D partition ``flat`` that no pinned fragment covers, or
+        None when no fragment lies in it."""
+        if flat.dim() != 1:
+            return None
+        storage, start, n = flat.untyped_storage().data_ptr(), flat.storage_offset(), flat.numel()
+        covered = []
+        for view, _ in self.fragments:
+            if view.dtype == flat.dtype and view.untyped_storage().data_ptr() == storage:
+                a = view.storage_offset() - start
+                if 0 <= a and a + view.numel() <= n:
+                    covered.append((a, a + view.numel()))
+        if not covered:
+            return None
+        kept, pos = [], 0
+        for a, b in sorted(covered):
+            if a > pos:
+                kept.append((pos, a))
+            pos = max(pos, b)
+        if pos < n:
+            kept.append((pos, n))
+        return kept
 
     @torch.no_grad()
-    def _restore(self, optimizer, args, kwargs) -> None:
+    def _narrow(self, optimizer, args, kwargs) -> None:
+        self._unswap(optimizer)  # a step that raised between the hooks left its views behind
+        if not self.narrows:
+            return
+        for group in optimizer.param_groups:
+            stepped, changed = [], False
+            for flat in group["params"]:
+                state = optimizer.state.get(flat)
+                kept = self.unpinned_ranges(flat) if flat.grad is not None and state else None
+                self.left_out[id(flat)] = 0
+                if kept is None or not set(state) <= _MOMENTS | {"step"}:
+                    stepped.append(flat)  # first step (no moments yet) or unknown state: stepped, written back
+                    continue
+                changed = True
+                self.left_out[id(flat)] = flat.numel() - sum(b - a for a, b in kept)
+                grad = flat.grad.view(-1)
+                for a, b in kept:
+                    view = flat.detach()[a:b]
+                    view.grad = grad[a:b]
+                    optimizer.state[view] = {k: (v[a:b] if k in _MOMENTS else
+                                                 v.clone() if isinstance(v, torch.Tensor) else v)
+                                             for k, v in state.items()}
+                    self._views.append((flat, view))
+                    stepped.append(view)
+            if changed:
+                self._swapped.append((group, group["params"]))
+                group["params"] = stepped
+
+    @torch.no_grad()
+    def _widen(self, optimizer, args, kwargs) -> None:
+        self._unswap(optimizer)
         for view, copy in self.fragments:
             view.copy_(copy)
+
+    def _unswap(self, optimizer) -> None:
+        for group, params in self._swapped:
+            group["params"] = params
+        counted = set()
+        for flat, view in self._views:
+            state = optimizer.state.pop(view)
+            view.grad = None
+            if id(flat) not in counted:  # every range of a partition counted the same step
+                counted.add(id(flat))
+                for k, v in state.items():
+                    if k not in _MOMENTS:
+                        optimizer.state[flat][k] = v
+        self._swapped.clear()
+        self._views.clear()
 
 
 _PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -143,12 +230,14 @@ def pin(params, optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> i
         pins = _PINS[zero] = _Pins(zero.optimizer)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             logger.warning(
-                "%s: parameters frozen after the engine was built are pinned: their backward and gradient "
-                "communication stop, but ZeRO's optimizer still steps them and keeps their fp32 masters and "
-                "moments (ZeRO-1/2 also all-gather them after every step); in one CPU benchmark that made a step "
-                "about 1.5x one with the same boundary decided at init (docs/benchmarks.md, bench_zero_pins). "
-                "Where the boundary is known before training, decide it before the engine is built "
-                "(FreezeKernCallback() at Trainer init, or plan=...)", engine)
+                "%s: parameters frozen after the engine was built are pinned: their backward, gradient "
+                "communication and %s stop, but ZeRO keeps their fp32 masters and moments and still flattens, "
+                "norms and (ZeRO-1/2) all-gathers them every step; in one CPU benchmark a step cost about 2x one "
+                "with the same boundary decided at init (docs/benchmarks.md, bench_zero_pins). Where the boundary "
+                "is known before training, decide it before the engine is built (FreezeKernCallback() at Trainer "
+                "init, or plan=...)", engine,
+                "Adam's arithmetic" if pins.narrows else
+                f"changes (its {type(zero.optimizer).__name__} still steps them; they are written back)")
     added = 0
     for p, fragment in found:
         pins.ids.add(id(p))
@@ -163,3 +252,11 @@ def pinned_count(optimizer=None, model=None) -> int:
     zero = zero_optimizer(optimizer, model)
     pins = _PINS.get(zero) if zero is not None else None
     return 0 if pins is None else len(pins.fragments)
+
+
+def left_out_of_last_step(optimizer=None, model=None) -> int:
+    """How many fp32 elements of pinned fragments this rank's last optimizer step left out, over all of ZeRO's
+    partitions (each stepped on its own); 0 where ZeRO's optimizer is not Adam/AdamW, or nothing is pinned."""
+    zero = zero_optimizer(optimizer, model)
+    pins = _PINS.get(zero) if zero is not None else None
+    return 0 if pins is None else sum(pins.left_out.values())

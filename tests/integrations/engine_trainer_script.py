@@ -161,6 +161,10 @@ def run_case(engine, case, out_dir, base, base_untied):
 
     class Mover(TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step > 1 and stage:  # the steps after the move: pinned ranges left out of Adam
+                from freezekern.model.zero_pins import left_out_of_last_step
+
+                record.setdefault("left_out", []).append(left_out_of_last_step(optimizer, trainer.model_wrapped))
             if state.global_step != 1:
                 return
             try:
@@ -217,6 +221,7 @@ def run_case(engine, case, out_dir, base, base_untied):
     if at_move:
         record["moved_frozen_unchanged"] = all(torch.equal(final[n], t) for n, t in at_move.items())
         record["moved_frozen_tensors"] = len(at_move)
+        record["moved_frozen_elements"] = sum(t.numel() for t in at_move.values())
     record["trained_changed"] = all(not torch.equal(final[n], initial[n]) for n in trained_ever)
     record["fused_calls"] = (callback.fused_loss_handle.stats["fused"] if callback.fused_loss_handle else 0)
     record["moves"] = [list(m) for m in callback.moves]

@@ -238,3 +238,114 @@ def test_fsdp1_is_refused_with_the_fsdp2_recipe(tmp_path):
         assert handle.active
     finally:
         dist.destroy_process_group()
+
+
+def _zero_layout(model, groups):
+    """ZeRO-1/2 layout of ``model``'s parameters over ``groups`` flat fp32 partitions (the parameters dealt in
+    order, as DeepSpeed flattens each param group): each parameter's ``_hp_mapping.hp_fragment`` a view."""
+    params = list(model.parameters())
+    share = -(-len(params) // groups)
+    flats = []
+    for g in range(groups):
+        members = params[g * share: (g + 1) * share]
+        flat = torch.cat([p.detach().reshape(-1) for p in members]).clone().requires_grad_(True)
+        offset = 0
+        for p in members:
+            p._hp_mapping = types.SimpleNamespace(hp_fragment=flat.detach()[offset: offset + p.numel()])
+            offset += p.numel()
+        flats.append(flat)
+    return params, flats
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam-amsgrad", "adamw-two-groups"])
+def test_zero_pins_take_pinned_ranges_out_of_adam(kind):
+    """With torch Adam/AdamW stepping the partitions, pinned ranges are left out of the step itself: their
+    moments stop moving too, and every other element gets exactly the update a whole-partition step gives
+    (a reference optimizer stepping copies of the partitions with the same gradients)."""
+    from freezekern.model.zero_pins import left_out_of_last_step, pinned_count
+
+    model = _model()
+    params, flats = _zero_layout(model, 2 if kind == "adamw-two-groups" else 1)
+    refs = [f.detach().clone().requires_grad_(True) for f in flats]
+
+    def make(tensors):
+        if kind == "adam-amsgrad":
+            return torch.optim.Adam(tensors, lr=1e-2, weight_decay=0.1, amsgrad=True)
+        groups = [{"params": [t], "weight_decay": 0.1 if i == 0 else 0.0} for i, t in enumerate(tensors)]
+        return torch.optim.AdamW(groups, lr=1e-2)
+
+    inner, ref = make(flats), make(refs)
+    zero = _fake_zero(inner)
+    torch.manual_seed(0)
+
+    def step(n):
+        for _ in range(n):
+            for f, r in zip(flats, refs):
+                f.grad = torch.randn_like(f)
+                r.grad = f.grad.clone()
+            inner.step()
+            ref.step()
+
+    handle = apply(model, 1)
+    step(2)
+    handle = move_boundary(handle, 3, optimizer=zero)
+    frozen_now = [p for b in handle.parts.blocks[1:3] for p in b.parameters()]
+    assert pinned_count(zero) == len(frozen_now)
+    moments = {k: [v.clone() for v in (inner.state[f][k] for f in flats)] for k in inner.state[flats[0]]
+               if k != "step"}
+    held = [p._hp_mapping.hp_fragment.clone() for p in frozen_now]
+    step(3)
+    frozen = torch.zeros(sum(f.numel() for f in flats), dtype=torch.bool)
+    starts = [0]
+    for f in flats[:-1]:
+        starts.append(starts[-1] + f.numel())
+    for p in frozen_now:
+        fragment = p._hp_mapping.hp_fragment
+        g = next(i for i, f in enumerate(flats) if f.untyped_storage().data_ptr()
+                 == fragment.untyped_storage().data_ptr())
+        a = starts[g] + fragment.storage_offset() - flats[g].storage_offset()
+        frozen[a: a + fragment.numel()] = True
+    got, want = torch.cat([f.detach() for f in flats]), torch.cat([r.detach() for r in refs])
+    assert frozen.any() and not frozen.all()
+    assert torch.equal(got[~frozen], want[~frozen])  # the step's arithmetic, element for element
+    assert not torch.equal(got[frozen], want[frozen])  # the reference kept moving them
+    assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
+    for k, before in moments.items():  # moments of pinned ranges untouched: the optimizer never saw them
+        now = torch.cat([inner.state[f][k] for f in flats])
+        assert torch.equal(now[frozen], torch.cat(before)[frozen])
+        assert torch.equal(now[~frozen], torch.cat([ref.state[r][k] for r in refs])[~frozen])
+    assert all(torch.equal(inner.state[f]["step"], ref.state[r]["step"]) for f, r in zip(flats, refs))
+    assert [g["params"] for g in inner.param_groups] == [[f] for f in flats]
+    assert len(inner.state) == len(flats)  # the step's range views are gone again
+    assert left_out_of_last_step(zero) == int(frozen.sum())
+    inner.state_dict()  # a checkpoint still maps every state to its partition
+    handle.remove()
+    for p in params:
+        del p._hp_mapping
+
+
+def test_zero_pins_with_a_non_elementwise_optimizer_write_back():
+    """An optimizer not known to be elementwise steps the whole partition; the pinned fragments are written
+    back (held bitwise) while the rest trains."""
+    model = _model()
+    params, (flat,) = _zero_layout(model, 1)
+    inner = torch.optim.SGD([flat], lr=1e-2, momentum=0.9, weight_decay=0.1)
+    zero = _fake_zero(inner)
+    handle = apply(model, 1)
+    flat.grad = torch.randn_like(flat)
+    inner.step()
+    handle = move_boundary(handle, 2, optimizer=zero)
+    frozen_now = list(handle.parts.blocks[1].parameters())
+    held = [p._hp_mapping.hp_fragment.clone() for p in frozen_now]
+    trained = params[-1]._hp_mapping.hp_fragment.clone()
+    for _ in range(2):
+        flat.grad = torch.randn_like(flat)
+        inner.step()
+    assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
+    assert not torch.equal(params[-1]._hp_mapping.hp_fragment, trained)
+    from freezekern.model.zero_pins import left_out_of_last_step
+
+    assert left_out_of_last_step(zero) == 0  # stepped whole, then written back
+    handle.remove()
+    for p in params:
+        del p._hp_mapping
