@@ -436,7 +436,8 @@ EagerOut forward_eager(const LceInputs& in, const Counted& c, float* lse, float*
     EagerArgs a{logits_buf.data_ptr<float>(), rows, vocab, vchunk, opt_ptr<float>(in.bias), cap, c.target.data() + r0,
                 chunk_max.data(), lse + r0, loss + r0, inv.data_ptr<float>()};
     const auto chunk = [&](int64_t k) {
-      return logits_buf.narrow(0, k * rows * vchunk, rows * chunk_width(a, k)).view({rows, chunk_width(a, k)});
+      const int64_t width = chunk_width(a, k);
+      return logits_buf.narrow(0, k * rows * vchunk, rows * width).view({rows, width});
     };
     const auto weight_of = [&](int64_t k, int64_t slot) {
       return weight_chunk(in.weight, k * vchunk, chunk_width(a, k), weight_bufs[static_cast<size_t>(slot)]);

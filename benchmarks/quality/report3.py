@@ -25,7 +25,7 @@ from pathlib import Path
 
 from report import mean_curve, pareto, value_at
 from runs import load_runs, run_key
-from study3 import Settings, arms_for, config_key, grid_scores, lr_grid
+from study3 import Settings, arms_for, best_rate, config_key, grown_grid
 
 from freezekern.trials import Arm
 
@@ -66,15 +66,16 @@ class TaskView:
         self.arms = arms_for(self.plans, settings.moving)
         first: dict[str, str] = {}
         self.same_as = {n: first.setdefault(config_key(a), n) for n, a in self.arms.items()}  # shared runs
-        self.grid = {n: grid_scores(runs, name, a, settings) for n, a in self.arms.items()}
-        self.grid_partial = {n: {lr: runs.get(run_key(name, dataclasses.replace(a, lr=lr), 0,
+        grown = {n: grown_grid(a, settings, runs, name) for n, a in self.arms.items()}
+        self.grid = {n: scores for n, (_, scores) in grown.items()}
+        self.grid_partial = {n: {lr: runs.get(run_key(name, dataclasses.replace(self.arms[n], lr=lr), 0,
                                                       settings.grid_share * settings.budget))
-                                 for lr in lr_grid(a, settings, runs, name)} for n, a in self.arms.items()}
+                                 for lr in rates} for n, (rates, _) in grown.items()}
         self.tuned: dict[str, Arm | None] = {}
         self.records: dict[str, dict[int, dict]] = {}
         for n, arm in self.arms.items():
             scores = self.grid[n]
-            lr = None if scores is None else min(scores, key=lambda r: (scores[r], r))
+            lr = None if scores is None else best_rate(scores)
             self.tuned[n] = None if lr is None else dataclasses.replace(arm, lr=lr)
             found = {}
             if lr is not None:

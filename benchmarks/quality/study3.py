@@ -180,18 +180,21 @@ def half_decade(lr: float, up: bool) -> float:
     return float(f"{1 if mantissa == 3 else 3}e{exponent if mantissa == 3 else exponent - 1}")
 
 
-def lr_grid(arm: Arm, settings: Settings, runs: dict | None = None, task: str | None = None) -> tuple:
-    """The arm's rates: the base grid, extended (given the runs) one half-decade at a time past an edge
-    where the best rate so far lies, at most ``settings.grid_extend`` times on each side; in increasing order."""
+def grown_grid(arm: Arm, settings: Settings, runs: dict | None = None,
+               task: str | None = None) -> tuple[tuple, dict[float, float] | None]:
+    """The arm's rates and, once every one of them has run, their scores (learning rate -> validation loss at
+    the end of the grid run; a run that diverged scores infinity), else None. The rates: the base grid,
+    extended (given the runs) one half-decade at a time past an edge where the best rate so far lies, at most
+    ``settings.grid_extend`` times on each side; in increasing order."""
     grid = sorted(settings.lora_lrs if arm.lora else settings.full_lrs)
-    if runs is None or not settings.grid_extend:
-        return tuple(grid)
+    if runs is None:
+        return tuple(grid), None
     extended = {False: 0, True: 0}
     while True:
         scores = _scores(runs, task, arm, settings, grid)
         if scores is None:
-            return tuple(grid)
-        best = min(scores, key=lambda lr: (scores[lr], lr))
+            return tuple(grid), None
+        best = best_rate(scores)
         if best == grid[0] and extended[False] < settings.grid_extend:
             grid.insert(0, half_decade(grid[0], up=False))
             extended[False] += 1
@@ -199,7 +202,17 @@ def lr_grid(arm: Arm, settings: Settings, runs: dict | None = None, task: str | 
             grid.append(half_decade(grid[-1], up=True))
             extended[True] += 1
         else:
-            return tuple(grid)
+            return tuple(grid), scores
+
+
+def lr_grid(arm: Arm, settings: Settings, runs: dict | None = None, task: str | None = None) -> tuple:
+    """The arm's rates (``grown_grid``'s first half)."""
+    return grown_grid(arm, settings, runs, task)[0]
+
+
+def best_rate(scores: dict[float, float]) -> float:
+    """The rate with the lowest validation loss (the lower rate on a tie)."""
+    return min(scores, key=lambda lr: (scores[lr], lr))
 
 
 def _scores(runs: dict, task: str, arm: Arm, settings: Settings, grid) -> dict[float, float] | None:
@@ -214,16 +227,13 @@ def _scores(runs: dict, task: str, arm: Arm, settings: Settings, grid) -> dict[f
 
 
 def grid_scores(runs: dict, task: str, arm: Arm, settings: Settings) -> dict[float, float] | None:
-    """Learning rate -> validation loss at the end of the grid run, over the arm's whole (extended) grid; None
-    until every rate of it has run (a run that diverged scores infinity)."""
-    return _scores(runs, task, arm, settings, lr_grid(arm, settings, runs, task))
+    """``grown_grid``'s second half: the scores over the arm's whole (extended) grid, None until all have run."""
+    return grown_grid(arm, settings, runs, task)[1]
 
 
 def chosen_lr(runs: dict, task: str, arm: Arm, settings: Settings) -> float | None:
     scores = grid_scores(runs, task, arm, settings)
-    if scores is None:
-        return None
-    return min(scores, key=lambda lr: (scores[lr], lr))
+    return None if scores is None else best_rate(scores)
 
 
 # -- the queue ----------------------------------------------------------------------------------
@@ -254,15 +264,15 @@ def job_list(tasks: list[str], settings: Settings, out: Path, runs: dict) -> tup
         for arm in arms.values():
             configs.setdefault(config_key(arm), arm)
         for arm in configs.values():
-            for lr in lr_grid(arm, settings, runs, name):
+            grid, scores = grown_grid(arm, settings, runs, name)
+            for lr in grid:
                 tuned = dataclasses.replace(arm, lr=lr)
                 budget = settings.grid_share * settings.budget
                 grid_jobs.append(Job(run_key(name, tuned, 0, budget), name, "grid", tuned, 0, budget))
-            lr = chosen_lr(runs, name, arm, settings)
-            if lr is None:
+            if scores is None:
                 complete = False
                 continue
-            tuned = dataclasses.replace(arm, lr=lr)
+            tuned = dataclasses.replace(arm, lr=best_rate(scores))
             for seed in settings.seeds:
                 finals[seed].append(Job(run_key(name, tuned, seed, settings.budget), name, "final", tuned, seed,
                                         settings.budget))
