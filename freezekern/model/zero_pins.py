@@ -17,7 +17,13 @@ ZeRO steps its partitions with torch's Adam or AdamW (the Trainer's default
 optimizer), the optimizer's arithmetic over its fragment: for the length of
 each step the partition is handed to the optimizer as views of its unpinned
 ranges, with views of their moments (Adam is elementwise, so every other
-element gets exactly the update it would have had). With any other
+element gets the update it would have had: bitwise with the single-tensor
+and foreach implementations; the fused CPU kernel rounds a range's edge
+elements as it rounds its own thread chunks' edges, ~1e-7). A partition
+pinned whole is stepped as an empty range, so its step count still advances
+with the others (checkpoints compare them). ZeRO-3 with the optimizer
+offloaded from an accelerator hands out copies of its masters, and partial
+offload and ZenFlow step partitions outside the hooked optimizer: refused. With any other
 optimizer (DeepSpeed's FusedAdam or CPU Adam, from the config's
 ``optimizer`` section) the fragment is stepped and then written back. What
 does not stop: ZeRO's bookkeeping over the whole partition (flattening the
@@ -70,7 +76,7 @@ class _Pins:
         self.fragments: list[tuple[torch.Tensor, torch.Tensor]] = []  # (view into the fp32 partition, copy)
         self.ids: set[int] = set()
         self.narrows = type(inner) in _ELEMENTWISE
-        self._swapped: list[tuple[dict, list]] = []  # (param group, its params before the step)
+        self._swapped: list[tuple[dict, list, list]] = []  # (param group, its params before, those installed)
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []  # (partition, view of one unpinned range)
         self.left_out: dict[int, int] = {}  # id(partition) -> pinned elements its latest step did not compute
         self.hooks = [inner.register_step_pre_hook(self._narrow), inner.register_step_post_hook(self._widen)]
@@ -115,7 +121,7 @@ class _Pins:
                 changed = True
                 self.left_out[id(flat)] = flat.numel() - sum(b - a for a, b in kept)
                 grad = flat.grad.view(-1)
-                for a, b in kept:
+                for a, b in kept or [(0, 0)]:  # all pinned: an empty range, so the step count still advances
                     view = flat.detach()[a:b]
                     view.grad = grad[a:b]
                     optimizer.state[view] = {k: (v[a:b] if k in _MOMENTS else
@@ -124,7 +130,7 @@ class _Pins:
                     self._views.append((flat, view))
                     stepped.append(view)
             if changed:
-                self._swapped.append((group, group["params"]))
+                self._swapped.append((group, group["params"], stepped))
                 group["params"] = stepped
 
     @torch.no_grad()
@@ -134,8 +140,9 @@ class _Pins:
             view.copy_(copy)
 
     def _unswap(self, optimizer) -> None:
-        for group, params in self._swapped:
-            group["params"] = params
+        for group, params, installed in self._swapped:
+            if group["params"] is installed:  # after a step that raised, the engine may have moved on
+                group["params"] = params
         counted = set()
         for flat, view in self._views:
             state = optimizer.state.pop(view)
@@ -172,16 +179,41 @@ def _requiring_grad(param: nn.Parameter):
 
 def _fragment(param: nn.Parameter, zero) -> torch.Tensor | None:
     """This rank's fp32 master fragment of ``param`` (a view into ZeRO's partition), or None when the rank
-    holds none of it."""
+    holds none of it. Raises EngineRefusal when DeepSpeed hands out something else (a copy)."""
     if hasattr(param, "ds_id"):
-        return _stage3_fragment(param)
-    mapping = getattr(param, "_hp_mapping", "absent")
-    if mapping == "absent":
-        raise EngineRefusal(f"{type(zero).__name__}: a parameter of shape {tuple(param.shape)} has no fp32 master "
-                            "mapping; it was not given to the ZeRO optimizer, or this DeepSpeed version lays its "
-                            "partitions out differently. Fix the boundary before the engine is built "
-                            "(FreezeKernCallback() at Trainer init, or plan=...)")
-    return None if mapping is None else mapping.hp_fragment
+        fragment = _stage3_fragment(param)
+    else:
+        mapping = getattr(param, "_hp_mapping", "absent")
+        if mapping == "absent":
+            raise EngineRefusal(f"{type(zero).__name__}: a parameter of shape {tuple(param.shape)} has no fp32 "
+                                "master mapping; it was not given to the ZeRO optimizer, or this DeepSpeed version "
+                                "lays its partitions out differently. Fix the boundary before the engine is built "
+                                "(FreezeKernCallback() at Trainer init, or plan=...)")
+        fragment = None if mapping is None else mapping.hp_fragment
+    if fragment is not None and fragment.numel() > 0 and not _inside(fragment, _partitions(zero)):
+        raise EngineRefusal(f"{type(zero).__name__}: DeepSpeed gave a copy of a parameter's fp32 master, not a view "
+                            "into the partitions its optimizer steps (as ZeRO-3 does with the optimizer offloaded "
+                            "to the CPU on an accelerator), so a parameter frozen during training cannot be held "
+                            "exactly. Fix the boundary before the engine is built (FreezeKernCallback() at Trainer "
+                            "init, or plan=...), or train without offloading the optimizer")
+    return fragment
+
+
+def _partitions(zero) -> list[torch.Tensor]:
+    """The fp32 tensors ZeRO's optimizer steps: its flat partitions (ZeRO-1/2, ZeRO-3), else whatever its
+    inner optimizer holds."""
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        found = getattr(zero, name, None)
+        if found:
+            return [t for t in found if isinstance(t, torch.Tensor)]
+    inner = zero.optimizer
+    return [p for group in inner.param_groups for p in group["params"]] + \
+        [k for k in inner.state if isinstance(k, torch.Tensor)]
+
+
+def _inside(fragment: torch.Tensor, partitions: list[torch.Tensor]) -> bool:
+    storage = fragment.untyped_storage().data_ptr()
+    return any(p.untyped_storage().data_ptr() == storage for p in partitions)
 
 
 def check(optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> None:
@@ -203,7 +235,14 @@ def check(optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> None:
         raise EngineRefusal(
             f"{engine} with the optimizer offloaded to NVMe: its fp32 partitions are swapped out between "
             "steps, so parameters frozen during training cannot be held exactly. Fix the boundary before the "
-            "engine is built (FreezeKernCallback() at Trainer init, or plan=...), or offload to the CPU instead")
+            "engine is built (FreezeKernCallback() at Trainer init, or plan=...), or offload to the CPU instead "
+            "(ZeRO-1/2; under ZeRO-3 on an accelerator DeepSpeed hands out copies of offloaded masters)")
+    if getattr(zero, "backup_optimizer", None) is not None or getattr(zero, "zenflow", False):
+        raise EngineRefusal(
+            f"{engine} with {'ZenFlow' if getattr(zero, 'zenflow', False) else 'the optimizer partly offloaded'}: "
+            "some partitions are stepped outside its optimizer, so parameters frozen during training cannot be "
+            "held exactly. Fix the boundary before the engine is built (FreezeKernCallback() at Trainer init, or "
+            "plan=...), or offload the whole optimizer (ratio 1) or none of it")
     inner = getattr(zero, "optimizer", None)
     if not isinstance(inner, torch.optim.Optimizer):
         raise EngineRefusal(f"{engine} ({type(zero).__name__}) steps its partitions with {type(inner).__name__}, "

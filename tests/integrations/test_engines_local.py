@@ -257,22 +257,32 @@ def _zero_layout(model, groups):
     return params, flats
 
 
-@pytest.mark.parametrize("kind", ["adamw", "adam-amsgrad", "adamw-two-groups"])
+@pytest.mark.parametrize("kind", ["adamw", "adam-amsgrad", "adamw-two-groups", "adamw-per-parameter",
+                                  "adamw-fused"])
 def test_zero_pins_take_pinned_ranges_out_of_adam(kind):
     """With torch Adam/AdamW stepping the partitions, pinned ranges are left out of the step itself: their
     moments stop moving too, and every other element gets exactly the update a whole-partition step gives
-    (a reference optimizer stepping copies of the partitions with the same gradients)."""
+    (a reference optimizer stepping copies of the partitions with the same gradients; the fused CPU kernel
+    rounds a range's edge elements as it does its own thread chunks' edges, so it is held to 1e-6).
+    "per-parameter": one partition per parameter, so whole partitions are pinned and must still count steps."""
     from freezekern.model.zero_pins import left_out_of_last_step, pinned_count
 
     model = _model()
-    params, flats = _zero_layout(model, 2 if kind == "adamw-two-groups" else 1)
+    groups = {"adamw-two-groups": 2, "adamw-per-parameter": len(list(model.parameters()))}.get(kind, 1)
+    params, flats = _zero_layout(model, groups)
     refs = [f.detach().clone().requires_grad_(True) for f in flats]
 
     def make(tensors):
         if kind == "adam-amsgrad":
             return torch.optim.Adam(tensors, lr=1e-2, weight_decay=0.1, amsgrad=True)
-        groups = [{"params": [t], "weight_decay": 0.1 if i == 0 else 0.0} for i, t in enumerate(tensors)]
-        return torch.optim.AdamW(groups, lr=1e-2)
+        groups = [{"params": [t], "weight_decay": 0.1 if i % 2 == 0 else 0.0} for i, t in enumerate(tensors)]
+        return torch.optim.AdamW(groups, lr=1e-2, fused=kind == "adamw-fused")
+
+    def same(a, b):
+        if kind == "adamw-fused":
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            return True
+        return torch.equal(a, b)
 
     inner, ref = make(flats), make(refs)
     zero = _fake_zero(inner)
@@ -307,15 +317,17 @@ def test_zero_pins_take_pinned_ranges_out_of_adam(kind):
         frozen[a: a + fragment.numel()] = True
     got, want = torch.cat([f.detach() for f in flats]), torch.cat([r.detach() for r in refs])
     assert frozen.any() and not frozen.all()
-    assert torch.equal(got[~frozen], want[~frozen])  # the step's arithmetic, element for element
+    assert same(got[~frozen], want[~frozen])  # the step's arithmetic, element for element
     assert not torch.equal(got[frozen], want[frozen])  # the reference kept moving them
     assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
     for k, before in moments.items():  # moments of pinned ranges untouched: the optimizer never saw them
         now = torch.cat([inner.state[f][k] for f in flats])
         assert torch.equal(now[frozen], torch.cat(before)[frozen])
-        assert torch.equal(now[~frozen], torch.cat([ref.state[r][k] for r in refs])[~frozen])
+        assert same(now[~frozen], torch.cat([ref.state[r][k] for r in refs])[~frozen])
     assert all(torch.equal(inner.state[f]["step"], ref.state[r]["step"]) for f, r in zip(flats, refs))
     assert [g["params"] for g in inner.param_groups] == [[f] for f in flats]
+    if kind == "adamw-per-parameter":
+        assert any(f.numel() == frozen[s: s + f.numel()].sum() for f, s in zip(flats, starts))  # wholly pinned
     assert len(inner.state) == len(flats)  # the step's range views are gone again
     assert left_out_of_last_step(zero) == int(frozen.sum())
     inner.state_dict()  # a checkpoint still maps every state to its partition
@@ -349,3 +361,71 @@ def test_zero_pins_with_a_non_elementwise_optimizer_write_back():
     handle.remove()
     for p in params:
         del p._hp_mapping
+
+
+def test_zero_pins_refuse_a_copied_master_and_partial_offload():
+    """A parameter whose fp32 "fragment" is a copy (DeepSpeed's ZeRO-3 with the optimizer offloaded from an
+    accelerator) cannot be held through it, and a partly offloaded or ZenFlow optimizer steps partitions
+    outside the hooked one: the move is refused, naming the fix, with nothing changed."""
+    from freezekern.model.zero_pins import pinned_count
+
+    model = _model()
+    params, (flat,) = _zero_layout(model, 1)
+    zero = _fake_zero(torch.optim.AdamW([flat], lr=1e-2), single_partition_of_fp32_groups=[flat])
+    handle = apply(model, 1)
+    copied = next(iter(handle.parts.blocks[1].parameters()))
+    copied._hp_mapping = types.SimpleNamespace(hp_fragment=copied._hp_mapping.hp_fragment.clone())
+    with pytest.raises(EngineRefusal, match="a copy of a parameter's fp32 master.*without offloading"):
+        move_boundary(handle, 2, optimizer=zero)
+    assert pinned_count(zero) == 0  # the old boundary applied again: block 1 still trains
+    assert all(p.requires_grad for p in handle.parts.blocks[1].parameters())
+    assert not any(p.requires_grad for p in handle.parts.blocks[0].parameters())
+    from freezekern.cut.freeze import active_handle
+
+    handle = active_handle(model)
+    assert handle.boundary == 1
+    for attrs, match in (({"backup_optimizer": object()}, "partly offloaded"), ({"zenflow": True}, "ZenFlow")):
+        with pytest.raises(EngineRefusal, match=match):
+            move_boundary(handle, 2, optimizer=_fake_zero(torch.optim.AdamW([flat]), **attrs))
+        assert handle.active and handle.boundary == 1
+    handle.remove()
+    for p in params:
+        del p._hp_mapping
+
+
+def test_zero_pins_after_a_step_that_raised_leave_the_next_step_alone():
+    """ZeRO-3 sets a group's params around each sub-group's step; when one step raises between the hooks and
+    the engine goes on, the next sub-group's step runs on its own partition (not the stale one)."""
+    from freezekern.model import zero_pins
+
+    a, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    inner = torch.optim.AdamW([{"params": [a]}], lr=1e-1)
+    for x in (a, b):
+        inner.param_groups[0]["params"] = [x]
+        x.grad = torch.randn(8)
+        inner.step()
+    zero = _fake_zero(inner)
+    model = _model()
+    handle = apply(model, 1)
+    param = next(iter(handle.parts.blocks[1].parameters()))
+    param._hp_mapping = types.SimpleNamespace(hp_fragment=a.detach()[:2])
+    inner.param_groups[0]["params"] = []
+    zero_pins.pin([param], optimizer=zero)
+    fail = {"once": True}
+
+    def raise_once(*_):
+        if fail.pop("once", False):
+            raise RuntimeError("out of memory")
+
+    inner.register_step_pre_hook(raise_once)  # runs after freezekern's narrowing
+    inner.param_groups[0]["params"] = [a]
+    a.grad = torch.randn(8)
+    with pytest.raises(RuntimeError):
+        inner.step()
+    inner.param_groups[0]["params"] = [b]  # the engine goes on with the next sub-group
+    before = b.detach().clone()
+    b.grad = torch.randn(8)
+    inner.step()
+    assert inner.param_groups[0]["params"] == [b] and not torch.equal(b.detach(), before)
+    del param._hp_mapping
+    handle.remove()
