@@ -21,11 +21,12 @@ element gets the update it would have had: bitwise with the single-tensor
 and foreach implementations; the fused CPU kernel rounds a range's edge
 elements as it rounds its own thread chunks' edges, ~1e-7). A partition
 pinned whole is stepped as an empty range, so its step count still advances
-with the others (checkpoints compare them). ZeRO-3 with the optimizer
-offloaded from an accelerator hands out copies of its masters, and partial
-offload and ZenFlow step partitions outside the hooked optimizer: refused. With any other
-optimizer (DeepSpeed's FusedAdam or CPU Adam, from the config's
-``optimizer`` section) the fragment is stepped and then written back. What
+with the others (checkpoints compare them). With any other optimizer
+(DeepSpeed's FusedAdam or CPU Adam, from the config's ``optimizer``
+section) the fragment is stepped and then written back. Refused: ZeRO-3
+with the optimizer offloaded from an accelerator (DeepSpeed hands out
+copies of its masters), partial offload and ZenFlow (partitions stepped
+outside the hooked optimizer), NVMe offload. What
 does not stop: ZeRO's bookkeeping over the whole partition (flattening the
 gradients with zeros for the frozen ones, the norm, copying the partition
 into the model and, ZeRO-1/2, all-gathering it) and the memory of the fp32
@@ -269,14 +270,14 @@ def pin(params, optimizer=None, model=None, engine: str = "DeepSpeed ZeRO") -> i
         pins = _PINS[zero] = _Pins(zero.optimizer)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             logger.warning(
-                "%s: parameters frozen after the engine was built are pinned: their backward, gradient "
-                "communication and %s stop, but ZeRO keeps their fp32 masters and moments and still flattens, "
-                "norms and (ZeRO-1/2) all-gathers them every step; in one CPU benchmark a step cost about 2x one "
-                "with the same boundary decided at init (docs/benchmarks.md, bench_zero_pins). Where the boundary "
-                "is known before training, decide it before the engine is built (FreezeKernCallback() at Trainer "
-                "init, or plan=...)", engine,
-                "Adam's arithmetic" if pins.narrows else
-                f"changes (its {type(zero.optimizer).__name__} still steps them; they are written back)")
+                "%s: parameters frozen after the engine was built are pinned: their backward and gradient "
+                "communication stop, %s; ZeRO keeps their fp32 masters and moments and still flattens, norms and "
+                "(ZeRO-1/2) all-gathers them every step; in one CPU benchmark a step cost about 2x one with the "
+                "same boundary decided at init (docs/benchmarks.md, bench_zero_pins). Where the boundary is known "
+                "before training, decide it before the engine is built (FreezeKernCallback() at Trainer init, or "
+                "plan=...)", engine,
+                "Adam leaves them out of its steps" if pins.narrows else
+                f"{type(zero.optimizer).__name__} still steps them and they are written back after each step")
     added = 0
     for p, fragment in found:
         pins.ids.add(id(p))
