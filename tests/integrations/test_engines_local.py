@@ -120,17 +120,41 @@ def test_zero_refusal_names_engine_and_fix():
     assert handle.active and handle.boundary == 1
 
 
+def _zero_layout(model, groups):
+    """ZeRO-1/2 layout of ``model``'s parameters over ``groups`` flat fp32 partitions (the parameters dealt in
+    order, as DeepSpeed flattens each param group): each parameter's ``_hp_mapping.hp_fragment`` a view."""
+    params = list(model.parameters())
+    share = -(-len(params) // groups)
+    flats = []
+    for g in range(groups):
+        members = params[g * share: (g + 1) * share]
+        flat = torch.cat([p.detach().reshape(-1) for p in members]).clone().requires_grad_(True)
+        offset = 0
+        for p in members:
+            p._hp_mapping = types.SimpleNamespace(hp_fragment=flat.detach()[offset: offset + p.numel()])
+            offset += p.numel()
+        flats.append(flat)
+    return params, flats
+
+
+def _step_and_check_held(inner, flat, frozen_now, trained, steps):
+    """Step ``inner`` over the single partition ``flat`` with random gradients ``steps`` times: every
+    parameter of ``frozen_now`` keeps its fp32 fragment bitwise, ``trained`` (a parameter) still changes."""
+    held = [p._hp_mapping.hp_fragment.clone() for p in frozen_now]
+    before = trained._hp_mapping.hp_fragment.clone()
+    for _ in range(steps):
+        flat.grad = torch.randn_like(flat)
+        inner.step()
+    assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
+    assert not torch.equal(trained._hp_mapping.hp_fragment, before)  # the rest still trains
+
+
 def test_zero_pins_hold_newly_frozen_parameters_bitwise(caplog):
     """ZeRO-1/2 layout: each parameter's fp32 master is a fragment of a flat partition that AdamW (weight
     decay 0.1) steps whatever the gradient; after a move the newly frozen fragments never change, the others
     keep training, and the cut's handle moved."""
     model = _model()
-    params = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params]).clone().requires_grad_(True)
-    offset = 0
-    for p in params:  # each parameter's fp32 fragment: a view of the flat partition, as DeepSpeed links them
-        p._hp_mapping = types.SimpleNamespace(hp_fragment=flat.detach()[offset: offset + p.numel()])
-        offset += p.numel()
+    params, (flat,) = _zero_layout(model, 1)
     inner = torch.optim.AdamW([flat], lr=1e-2, weight_decay=0.1)
     zero = _fake_zero(inner)
     handle = apply(model, 1)
@@ -146,13 +170,7 @@ def test_zero_pins_hold_newly_frozen_parameters_bitwise(caplog):
     from freezekern.model.zero_pins import pinned_count
 
     assert pinned_count(zero) == len(frozen_now)
-    held = [p._hp_mapping.hp_fragment.clone() for p in frozen_now]
-    trained = params[-1]._hp_mapping.hp_fragment.clone()
-    for _ in range(3):
-        flat.grad = torch.randn_like(flat)
-        inner.step()
-    assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
-    assert not torch.equal(params[-1]._hp_mapping.hp_fragment, trained)  # the rest still trains
+    _step_and_check_held(inner, flat, frozen_now, params[-1], steps=3)
     caplog.clear()
     with caplog.at_level("WARNING", logger="freezekern.engines"):
         handle = move_boundary(handle, 3, optimizer=zero)  # the same optimizer: said once
@@ -238,23 +256,6 @@ def test_fsdp1_is_refused_with_the_fsdp2_recipe(tmp_path):
         assert handle.active
     finally:
         dist.destroy_process_group()
-
-
-def _zero_layout(model, groups):
-    """ZeRO-1/2 layout of ``model``'s parameters over ``groups`` flat fp32 partitions (the parameters dealt in
-    order, as DeepSpeed flattens each param group): each parameter's ``_hp_mapping.hp_fragment`` a view."""
-    params = list(model.parameters())
-    share = -(-len(params) // groups)
-    flats = []
-    for g in range(groups):
-        members = params[g * share: (g + 1) * share]
-        flat = torch.cat([p.detach().reshape(-1) for p in members]).clone().requires_grad_(True)
-        offset = 0
-        for p in members:
-            p._hp_mapping = types.SimpleNamespace(hp_fragment=flat.detach()[offset: offset + p.numel()])
-            offset += p.numel()
-        flats.append(flat)
-    return params, flats
 
 
 @pytest.mark.parametrize("kind", ["adamw", "adam-amsgrad", "adamw-two-groups", "adamw-per-parameter",
@@ -348,13 +349,7 @@ def test_zero_pins_with_a_non_elementwise_optimizer_write_back():
     inner.step()
     handle = move_boundary(handle, 2, optimizer=zero)
     frozen_now = list(handle.parts.blocks[1].parameters())
-    held = [p._hp_mapping.hp_fragment.clone() for p in frozen_now]
-    trained = params[-1]._hp_mapping.hp_fragment.clone()
-    for _ in range(2):
-        flat.grad = torch.randn_like(flat)
-        inner.step()
-    assert all(torch.equal(p._hp_mapping.hp_fragment, h) for p, h in zip(frozen_now, held))
-    assert not torch.equal(params[-1]._hp_mapping.hp_fragment, trained)
+    _step_and_check_held(inner, flat, frozen_now, params[-1], steps=2)
     from freezekern.model.zero_pins import left_out_of_last_step
 
     assert left_out_of_last_step(zero) == 0  # stepped whole, then written back
