@@ -171,6 +171,7 @@ def test_bad_output_paths_are_refused_before_loading(command, tmp_path, capsys, 
     (["analyze", "--freeze", "3"], "--freeze K goes with --policy fixed"),
     (["analyze", "--tokens", "0"], "--tokens must be an integer > 0"),
     (["analyze", "--data", "/dev/urandom"], "neither a regular file nor a folder"),
+    (["finetune", "--moving", "--policy", "none"], "--moving needs a boundary to move towards"),
 ])
 def test_bad_values_are_refused_before_loading(argv, message, tmp_path, capsys, no_model_load):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
@@ -227,6 +228,27 @@ def test_analyze_json_path_flags_and_few_counted_tokens(tiny_dir, tmp_path, caps
                  "--json", str(target), "--no-train-head"]) == 0
     assert not fk.FreezePlan.load(target).train_head
     assert (tmp_path / "freezekern-out" / "trace.png").is_file()
+
+
+@pytest.mark.parametrize("default_moves", [True, False])
+def test_finetune_follows_the_librarys_default_unless_told(tiny_dir, tmp_path, capsys, monkeypatch, default_moves):
+    """Without --moving/--static the boundary moves exactly where ``DEFAULT_MOVES`` says (gain_share here);
+    --static and --moving override it either way."""
+    monkeypatch.setattr("freezekern.policy.moving.DEFAULT_MOVES", default_moves)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(200)))
+    common = ["finetune", "--model", str(tiny_dir), "--data", str(corpus), "--steps", "12", "--tokens", "128",
+              "--seq-len", "32", "--eval-tokens", "64", "--lr", "1e-3", "--policy", "fixed", "--freeze", "2"]
+    assert main([*common, "--out", str(tmp_path / "fixed")]) == 0  # a boundary the user fixed stays
+    assert fk.FreezePlan.load(tmp_path / "fixed" / "freezekern_plan.json").moving is None
+    for flag, moves in ((None, default_moves), ("--static", False), ("--moving", True)):
+        out = tmp_path / str(flag)
+        argv = [*common[:-4], "--policy", "gain_share", "--out", str(out)] + ([flag] if flag else [])
+        assert main(argv) == 0
+        plan = fk.FreezePlan.load(out / "freezekern_plan.json")
+        assert plan.cut and plan.boundary > 0
+        assert (plan.moving is not None) == moves, (flag, plan.rule)
+    capsys.readouterr()
 
 
 def test_finetune_policy_none_trains_everything_and_lora_is_seeded(tiny_dir, tmp_path, capsys):

@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from freezekern.policy.moving import DEFAULT_MOVES
 from freezekern.policy.rules import DEFAULT_POLICY, POLICIES
 
 MIN_HELDOUT_CHARS = 64
@@ -69,9 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     finetune.add_argument("--steps", type=int, default=20)
     finetune.add_argument("--lr", type=float, default=1e-4)
-    finetune.add_argument("--moving", action="store_true",
-                          help="move the boundary with training: every block trains early, the plan's boundary "
-                               "from 60%% of the steps on (budget-aware: a short run freezes more from the start)")
+    moves = finetune.add_mutually_exclusive_group()
+    moves.add_argument("--moving", action="store_true", default=None,
+                       help="move the boundary with training: every block trains early, the plan's boundary "
+                            "from 60%% of the steps on (budget-aware: a short run freezes more from the start)")
+    moves.add_argument("--static", dest="moving", action="store_false",
+                       help="keep the plan's boundary from the first step (default: " + (
+                           "moving, for policies gain_share and salf without --lora)" if DEFAULT_MOVES
+                           else "static)"))
     finetune.add_argument("--eval-tokens", type=int, default=2048)
     finetune.add_argument("--gradient-checkpointing", action="store_true")
     finetune.add_argument("--lora", action="store_true", help="LoRA adapters on the trained blocks only")

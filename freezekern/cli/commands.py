@@ -132,6 +132,8 @@ def cmd_finetune(args) -> int:
 
     _check_training(args)
     check_positive(args.steps, "--steps", integer=True)
+    if args.moving and args.policy == "none":
+        raise ValueError("--moving needs a boundary to move towards: not with --policy none")
     train_source, eval_source = _train_eval_split(args)
     model, tokenizer = _load(args)
     sizes = {"seq_len": args.seq_len, "batch_size": args.batch_size}
@@ -145,11 +147,13 @@ def cmd_finetune(args) -> int:
     else:
         trace, plan = _trace_and_plan(args, model, calibration)
     _warn_few_tokens(trace, args.tokens, args.examples)
-    if args.moving:
-        from freezekern.policy.moving import moving_plan
+    from freezekern.policy.moving import moves_by_default, moving_plan
 
-        if not plan.cut:
-            raise ValueError("--moving needs a boundary to move towards: not with --policy none")
+    if args.moving and not plan.cut:
+        raise ValueError("--moving needs a boundary to move towards: this plan freezes nothing")
+    moving = args.moving if args.moving is not None else (
+        moves_by_default(args.policy) and not args.lora and plan.cut)
+    if moving:
         plan = moving_plan(plan, run_steps=args.steps)
     print(plan)
     report = finetune(model, tokenizer, train_batches, eval_batches, plan, steps=args.steps, lr=args.lr,

@@ -106,7 +106,8 @@ from freezekern.model.engines import (
     engine_name,
     stop_updating,
 )
-from freezekern.policy.moving import moving_plan, schedule_of
+from freezekern.model.peft import unwrap_peft
+from freezekern.policy.moving import moves_by_default, moving_plan, schedule_of
 from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, FreezePlan
 from freezekern.policy.rules import plan as make_plan
 
@@ -135,7 +136,13 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     shallow early, the plan's boundary by ``finish`` of the run; the run's
     length (``max_steps``, or the epochs' steps) makes the schedule
     budget-aware (``freezekern.policy.moving_plan``; the plan says why). A
-    plan made by ``moving_plan`` moves by itself.
+    plan made by ``moving_plan`` moves by itself. ``moving=None`` (the
+    default): the library's default (``freezekern.policy.moving.moves_by_default``),
+    which applies only where the callback chooses the boundary itself from
+    the trace (no ``plan=``, policy gain_share or salf, no ``reselect_every``),
+    the weights train in full (no PEFT adapters) and the Trainer does not run
+    DeepSpeed (whose ZeRO partitions are built once, at the early boundary);
+    anywhere else the boundary is static.
     ``budget`` is the deprecated name of ``trained_share``.
     """
 
@@ -154,7 +161,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         policy_kwargs: dict | None = None,
         budget: float | None = None,
         fused_loss: bool = False,
-        moving: bool | dict = False,
+        moving: bool | dict | None = None,
     ):
         if budget is not None:
             if trained_share is not None:
@@ -177,9 +184,11 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             self._fixed_boundary, plan = int(plan), None
         if moving and reselect_every:
             raise ValueError("moving=... and reselect_every=... both move the boundary: choose one")
-        if not isinstance(moving, (bool, dict)):
-            raise TypeError(f"moving must be True, False or a dict of MovingSchedule settings, got {moving!r}")
+        if not isinstance(moving, (bool, dict, type(None))):
+            raise TypeError(f"moving must be True, False, None or a dict of MovingSchedule settings, got {moving!r}")
         self.moving = moving
+        self._chooses_plan = plan is None and self._fixed_boundary is None
+        self._default_moves: bool | None = None  # moving=None resolved once, on first need
         self.mover = None  # a freezekern.cut.moving.MovingBoundary while the boundary moves
         self.plan = FreezePlan.from_dict(plan) if isinstance(plan, dict) else plan
         self.policy = policy
@@ -209,11 +218,24 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         if self.plan is not None or self._fixed_boundary is None:
             return
         from freezekern.model.parts import discover
-        from freezekern.model.peft import unwrap_peft
 
         kwargs = {"train_head": self.train_head} if self.train_head is not None else {}
         summary = discover(unwrap_peft(model)[0]).summary()
         self.plan = make_plan(summary, "fixed", boundary=self._fixed_boundary, **kwargs)
+
+    def _moves(self, model=None, optimizer=None) -> bool | dict:
+        """``moving``, with None resolved (once) to the library's default for this run (see the class)."""
+        if self.moving is not None:
+            return self.moving
+        if self._default_moves is None:
+            trainer = self._trainer() if self._trainer is not None else None
+            engine = engine_name(self._wrapped_model(model), optimizer) if model is not None else None
+            self._default_moves = bool(
+                self._chooses_plan and not self.reselect_every and moves_by_default(self.policy)
+                and not getattr(trainer, "is_deepspeed_enabled", False)
+                and not (engine or "").startswith("DeepSpeed")
+                and (model is None or not unwrap_peft(model)[1]))
+        return self._default_moves
 
     def _make_plan(self, trace: DeviationTrace) -> FreezePlan:
         kwargs = dict(self.policy_kwargs)
@@ -344,7 +366,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             batches = trainer_calibration_batches(trainer, self.calibration_batches)
             self.plan = self._analyse(model, batches)
         if self.plan is not None:
-            self._apply(model, self._early_plan(self.plan))
+            self._apply(model, self._early_plan(self.plan, model))
             self._applied_at_init = True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -396,9 +418,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
                     raise RuntimeError("FreezeKernCallback got no train dataloader to analyse; pass plan=")
                 self.plan = self._analyse(model, calibration_batches(train_dataloader, self.calibration_batches))
             self._check_ddp_after_wrap(args, model, "freeze parameters", optimizer)
-            self._apply(model, self._early_plan(self.plan))
+            self._apply(model, self._early_plan(self.plan, model, optimizer))
             self._after_late_freeze(model, optimizer)
-        if self.moving or (self.plan is not None and self.plan.moving):
+        if self._moves(model, optimizer) or (self.plan is not None and self.plan.moving):
             self._start_moving(args, state, model, optimizer)
         for p in model.parameters():
             if not p.requires_grad:
@@ -418,20 +440,22 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             self._last_batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")
                                 if isinstance(kwargs.get(k), torch.Tensor)}
 
-    def _early_plan(self, plan: FreezePlan) -> FreezePlan:
+    def _early_plan(self, plan: FreezePlan, model, optimizer=None) -> FreezePlan:
         """What to apply before the run's length is known: a moving boundary's default start."""
-        if not self.moving or plan.moving or not plan.cut:
+        moving = self._moves(model, optimizer)
+        if not moving or plan.moving or not plan.cut:
             return plan
-        return moving_plan(plan, **(self.moving if isinstance(self.moving, dict) else {}))
+        return moving_plan(plan, **(moving if isinstance(moving, dict) else {}))
 
     def _start_moving(self, args, state, model, optimizer) -> None:
         """Make the plan budget-aware for this run's length and start moving the boundary."""
         if not self.plan.cut:
             return
-        if self.moving and (self.plan.run_steps != state.max_steps or not self.plan.moving):
+        moving = self._moves(model, optimizer)
+        if moving and (self.plan.run_steps != state.max_steps or not self.plan.moving):
             static = dataclasses.replace(self.plan, moving=None, run_steps=None)
             self.plan = moving_plan(static, run_steps=state.max_steps,
-                                    **(self.moving if isinstance(self.moving, dict) else {}))
+                                    **(moving if isinstance(moving, dict) else {}))
         schedule = schedule_of(self.plan)
         if schedule is None:  # too short a run to move: the static boundary
             if self.handle.boundary < self.plan.boundary:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from freezekern.model.parts import discover
 from freezekern.model.training import evaluate
-from freezekern.policy.moving import DEFAULT_MOVING, moving_plan
+from freezekern.policy.moving import DEFAULT_MOVING, moves_by_default, moving_plan
 from freezekern.policy.rules import FreezePlan
 from freezekern.trials.arms import DEFAULT_CHECKPOINTS, Arm, ArmResult, arm_step_cost
 from freezekern.trials.engine import train_arm
@@ -247,7 +247,25 @@ def compare(
     if trial_kwargs.get("budget_steps") is not None:
         arms = [_fit_to_budget(arm, plan, parts, trial_kwargs["budget_steps"]) for arm in arms]
         arms = [arm for arm in arms if arm is not None]
+    if boundaries == "auto" and not lora:
+        arms = _mark_default(arms, plan)
     return run_trials(model, train_batches, heldout_batches, arms, **trial_kwargs)
+
+
+def _mark_default(arms: list[Arm], plan: FreezePlan) -> list[Arm]:
+    """The arm ``FreezeKernCallback()`` would train with ``plan``'s policy named so ("..., default)"): the
+    moving one where the default moves (``moves_by_default``) and the budget affords a move, else the static
+    one at the plan's boundary."""
+    if not plan.cut:
+        return arms
+    moving = [a for a in arms if a.moving is not None]
+    static = [a for a in arms if a.moving is None and not a.lora and a.boundary == plan.boundary]
+    chosen = moving if moves_by_default(plan.policy) and moving else static
+    if not chosen:
+        return arms
+    marked = dataclasses.replace(chosen[0], name=chosen[0].name[:-1] + ", default)"
+                                 if chosen[0].name.endswith(")") else chosen[0].name + " (default)")
+    return [marked if a is chosen[0] else a for a in arms]
 
 
 def _fit_to_budget(arm: Arm, plan: FreezePlan, parts, budget_steps: float) -> Arm | None:

@@ -144,3 +144,74 @@ def test_settle_signal_is_refused_on_sharded_weights():
     finally:
         del weight.ds_id
     assert handle.active and handle.boundary == 1
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in _batch(i, rows=1).items()}
+
+
+def _train(tmp_path, model, callback, steps=40):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2,
+                             learning_rate=1e-3, weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="no",
+                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(), data_collator=default_data_collator,
+                      callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("default_moves", [True, False])
+def test_the_callbacks_default_boundary_moves_where_the_library_default_says(tmp_path, monkeypatch, default_moves):
+    """``FreezeKernCallback()`` (moving=None) plans from the trace and moves or stays as ``DEFAULT_MOVES``
+    says; either way it ends at the plan's boundary."""
+    from freezekern.integrations import FreezeKernCallback
+
+    monkeypatch.setattr("freezekern.policy.moving.DEFAULT_MOVES", default_moves)
+    cb = FreezeKernCallback(calibration_batches=2)
+    _train(tmp_path, _model(), cb)
+    assert cb.plan.policy == "gain_share" and cb.plan.boundary > 0
+    if default_moves:
+        assert cb.plan.moving is not None and cb.plan.run_steps == 40 and "moving boundary" in cb.plan.rule
+        assert cb.moves and cb.moves[0][1] == cb.plan.moving["start"] and cb.moves[-1][2] == cb.plan.boundary
+    else:
+        assert cb.plan.moving is None and cb.moves == []
+    assert cb.handle.boundary == cb.plan.boundary
+
+
+def test_the_default_stays_static_where_the_user_chose_or_the_engine_builds_once(monkeypatch):
+    """With ``DEFAULT_MOVES`` on, ``moving=None`` still means static for a boundary the user gave or fixed,
+    for progressive reselection, for PEFT adapters and under DeepSpeed; an explicit ``moving`` wins."""
+    import weakref
+
+    import peft
+
+    from freezekern.integrations import FreezeKernCallback
+
+    monkeypatch.setattr("freezekern.policy.moving.DEFAULT_MOVES", True)
+    model = _model()
+    assert FreezeKernCallback()._moves(model) is True
+    assert FreezeKernCallback(policy="salf")._moves(model) is True
+    assert FreezeKernCallback(plan=3)._moves(model) is False
+    assert FreezeKernCallback(plan=_static_plan(model, 3))._moves(model) is False
+    assert FreezeKernCallback(policy="fraction", policy_kwargs={"frozen_share": 0.5})._moves(model) is False
+    assert FreezeKernCallback(reselect_every=5)._moves(model) is False
+    assert FreezeKernCallback(moving=False)._moves(model) is False
+    assert FreezeKernCallback(plan=3, moving=True)._moves(model) is True
+    lora = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert FreezeKernCallback()._moves(lora) is False
+
+    class DeepSpeedTrainer:
+        is_deepspeed_enabled = True
+
+    trainer = DeepSpeedTrainer()
+    cb = FreezeKernCallback()
+    cb._trainer = weakref.ref(trainer)
+    assert cb._moves(model) is False
+    cb._trainer = None
+    assert cb._moves(model) is False, "resolved once: the answer cannot change between init and training"
