@@ -112,10 +112,12 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-EVIDENCE = ("\nwhat the evidence says (docs/results.md): at 10-24 full-step equivalents of training, freezing half the "
-            "blocks beat this rule on every task of the quality study, and full fine-tuning won on chat and on a "
-            "prose corpus; runs at realistic budgets (study v3, with a moving boundary) are under way. Before you "
-            "rely on a boundary, run `freezekern compare` on your own data and budget.")
+EVIDENCE = ("\nwhat the evidence says (docs/results.md): at short budgets (10-24 full-step equivalents) freezing half "
+            "the blocks beat this boundary on every task of the quality study; at 150 (study v3, first seed of three "
+            "tasks) a static boundary never reached full fine-tuning's best validation loss, full fine-tuning led on "
+            "validation and a moving boundary (--moving, FreezeKernCallback(moving=True)) came next, beating full "
+            "fine-tuning on code with half its compute. Before you rely on a boundary, run `freezekern compare` on "
+            "your own data and budget.")
 
 
 def _check_training(args) -> None:
