@@ -113,7 +113,7 @@ def cmd_analyze(args) -> int:
 
 
 EVIDENCE = ("\nwhat the evidence says (docs/results.md): at short budgets (10-24 full-step equivalents) freezing half "
-            "the blocks beat this boundary on every task of the quality study; at 150 (study v3, first seed of three "
+            "the blocks beat this boundary on every task of the quality study; at 150 (study v3, first seed of four "
             "tasks) a static boundary never reached full fine-tuning's best validation loss, full fine-tuning led on "
             "validation and a moving boundary (--moving, FreezeKernCallback(moving=True)) came next, beating full "
             "fine-tuning on code with half its compute. Before you rely on a boundary, run `freezekern compare` on "
