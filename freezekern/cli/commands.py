@@ -116,7 +116,7 @@ EVIDENCE = ("\nwhat the evidence says (docs/results.md): at short budgets (10-24
             "the blocks beat this boundary on every task of the quality study; at 150 (study v3, first seed of four "
             "tasks) a static boundary never reached full fine-tuning's best validation loss, full fine-tuning led on "
             "validation and a moving boundary (--moving, FreezeKernCallback(moving=True)) came next, beating full "
-            "fine-tuning on code with half its compute. Before you rely on a boundary, run `freezekern compare` on "
+            "fine-tuning on code with 58 % of its compute. Before you rely on a boundary, run `freezekern compare` on "
             "your own data and budget.")
 
 
