@@ -154,7 +154,7 @@ def cmd_finetune(args) -> int:
     if args.moving and not plan.cut:
         raise ValueError("--moving needs a boundary to move towards: this plan freezes nothing")
     moving = args.moving if args.moving is not None else (
-        moves_by_default(args.policy) and not args.lora and plan.cut)
+        moves_by_default(args.policy, adapters=args.lora) and plan.cut)
     if moving:
         plan = moving_plan(plan, run_steps=args.steps)
     print(plan)

@@ -231,10 +231,10 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             trainer = self._trainer() if self._trainer is not None else None
             engine = engine_name(self._wrapped_model(model), optimizer) if model is not None else None
             self._default_moves = bool(
-                self._chooses_plan and not self.reselect_every and moves_by_default(self.policy)
+                self._chooses_plan and not self.reselect_every
+                and moves_by_default(self.policy, adapters=model is not None and unwrap_peft(model)[1])
                 and not getattr(trainer, "is_deepspeed_enabled", False)
-                and not (engine or "").startswith("DeepSpeed")
-                and (model is None or not unwrap_peft(model)[1]))
+                and not (engine or "").startswith("DeepSpeed"))
         return self._default_moves
 
     def _make_plan(self, trace: DeviationTrace) -> FreezePlan:

@@ -63,11 +63,12 @@ MIN_STEPS_PER_MOVE = 4
 DEFAULT_MOVES = False
 
 
-def moves_by_default(policy: str) -> bool:
+def moves_by_default(policy: str, adapters: bool = False) -> bool:
     """Whether the default boundary of ``policy`` moves with training: ``DEFAULT_MOVES`` for the rules the
-    study moved towards (gain_share, salf); a boundary the user fixed, a share or a FLOPs budget stays
-    where it was put."""
-    return DEFAULT_MOVES and policy in ("gain_share", "salf")
+    study moved towards (gain_share, salf) on weights that train in full; a boundary the user fixed, a
+    share or a FLOPs budget stays where it was put, and so does one above ``adapters`` (LoRA/PEFT: the
+    study moved no adapters)."""
+    return DEFAULT_MOVES and policy in ("gain_share", "salf") and not adapters
 
 
 def moving_plan(plan, run_steps: int | None = None, *, start: int | None = None, begin: float | None = None,

@@ -85,17 +85,32 @@ def test_each_step_of_a_moving_boundary_has_the_gradients_of_a_plain_backward_wi
     mover.handle.remove()
 
 
+class _Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in _batch(i, rows=1).items()}
+
+
+def _train(tmp_path, model, callbacks, steps=40, **arguments):
+    """A Trainer run of ``steps`` over ``_Rows`` (AdamW, weight decay 0.1; ``arguments`` override)."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    args = TrainingArguments(**{"output_dir": str(tmp_path), "max_steps": steps, "per_device_train_batch_size": 2,
+                                "learning_rate": 1e-3, "weight_decay": 0.1, "use_cpu": True, "report_to": [],
+                                "save_strategy": "no", "disable_tqdm": True, "seed": 0,
+                                "dataloader_num_workers": 0, **arguments})
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(), data_collator=default_data_collator,
+                      callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
 def test_trainer_with_a_moving_boundary_never_changes_a_frozen_block_again(tmp_path):
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import TrainerCallback
 
     from freezekern.integrations import FreezeKernCallback
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, i):
-            return {k: v[0] for k, v in _batch(i, rows=1).items()}
 
     model = _model()
     snapshots = {}
@@ -107,13 +122,8 @@ def test_trainer_with_a_moving_boundary_never_changes_a_frozen_block_again(tmp_p
                     snapshots[index] = {n: p.detach().clone() for n, p in model.model.layers[index].named_parameters()}
 
     cb = FreezeKernCallback(plan=_static_plan(model, 4), moving={"begin": 0.1, "finish": 0.6})
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=2,
-                             learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=0.1,
-                             use_cpu=True, report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True,
-                             seed=0, dataloader_num_workers=0, max_grad_norm=1.0)
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
-                      callbacks=[cb, Snap()])
-    trainer.train()
+    trainer = _train(tmp_path, model, [cb, Snap()], learning_rate=1e-2, lr_scheduler_type="cosine",
+                     warmup_steps=0.1, logging_steps=5, max_grad_norm=1.0)
     assert cb.plan.moving is not None and cb.plan.run_steps == 40
     assert [m[2] for m in cb.moves] == sorted(m[2] for m in cb.moves) and cb.handle.boundary == 4
     assert sorted(snapshots) == [0, 1, 2, 3]
@@ -146,26 +156,6 @@ def test_settle_signal_is_refused_on_sharded_weights():
     assert handle.active and handle.boundary == 1
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __len__(self):
-        return 32
-
-    def __getitem__(self, i):
-        return {k: v[0] for k, v in _batch(i, rows=1).items()}
-
-
-def _train(tmp_path, model, callback, steps=40):
-    from transformers import Trainer, TrainingArguments, default_data_collator
-
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2,
-                             learning_rate=1e-3, weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="no",
-                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(), data_collator=default_data_collator,
-                      callbacks=[callback])
-    trainer.train()
-    return trainer
-
-
 @pytest.mark.parametrize("default_moves", [True, False])
 def test_the_callbacks_default_boundary_moves_where_the_library_default_says(tmp_path, monkeypatch, default_moves):
     """``FreezeKernCallback()`` (moving=None) plans from the trace and moves or stays as ``DEFAULT_MOVES``
@@ -174,7 +164,7 @@ def test_the_callbacks_default_boundary_moves_where_the_library_default_says(tmp
 
     monkeypatch.setattr("freezekern.policy.moving.DEFAULT_MOVES", default_moves)
     cb = FreezeKernCallback(calibration_batches=2)
-    _train(tmp_path, _model(), cb)
+    _train(tmp_path, _model(), [cb])
     assert cb.plan.policy == "gain_share" and cb.plan.boundary > 0
     if default_moves:
         assert cb.plan.moving is not None and cb.plan.run_steps == 40 and "moving boundary" in cb.plan.rule
