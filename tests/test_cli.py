@@ -126,8 +126,8 @@ def test_finetune_trains_above_the_boundary_and_resumes(tiny_dir, tmp_path, caps
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(200)))
     out = tmp_path / "ft"
     args = ["finetune", "--model", str(tiny_dir), "--data", str(corpus), "--steps", "3", "--tokens", "256",
-            "--seq-len", "32", "--eval-tokens", "128", "--out", str(out), "--lr", "1e-3"]
-    assert main(args) == 0
+            "--seq-len", "32", "--eval-tokens", "128", "--out", str(out), "--lr", "1e-3", "--static"]
+    assert main(args) == 0  # --static: the traced boundary, although the default trains a run this short in full
     printed = capsys.readouterr().out
     assert "FreezePlan[gain_share/cosine]" in printed
     plan = fk.FreezePlan.load(out / "freezekern_plan.json")
@@ -230,11 +230,13 @@ def test_analyze_json_path_flags_and_few_counted_tokens(tiny_dir, tmp_path, caps
     assert (tmp_path / "freezekern-out" / "trace.png").is_file()
 
 
-@pytest.mark.parametrize("default_moves", [True, False])
-def test_finetune_follows_the_librarys_default_unless_told(tiny_dir, tmp_path, capsys, monkeypatch, default_moves):
-    """Without --moving/--static the boundary moves exactly where ``DEFAULT_MOVES`` says (gain_share here);
-    --static and --moving override it either way."""
-    monkeypatch.setattr("freezekern.policy.moving.DEFAULT_MOVES", default_moves)
+@pytest.mark.parametrize("full_up_to,default_moves", [(None, True), (None, False), (12, True)])
+def test_finetune_follows_the_librarys_default_unless_told(tiny_dir, tmp_path, capsys, monkeypatch, full_up_to,
+                                                           default_moves):
+    """Without --moving/--static a run of 12 steps trains in full where ``FULL_UP_TO`` >= 12, else moves
+    exactly where ``DEFAULT_MOVES`` says (gain_share here); --static and --moving freeze either way."""
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", full_up_to)
+    monkeypatch.setattr("freezekern.policy.default.DEFAULT_MOVES", default_moves)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(200)))
     common = ["finetune", "--model", str(tiny_dir), "--data", str(corpus), "--steps", "12", "--tokens", "128",
@@ -246,6 +248,11 @@ def test_finetune_follows_the_librarys_default_unless_told(tiny_dir, tmp_path, c
         argv = [*common[:-4], "--policy", "gain_share", "--out", str(out)] + ([flag] if flag else [])
         assert main(argv) == 0
         plan = fk.FreezePlan.load(out / "freezekern_plan.json")
+        if flag is None and full_up_to is not None:
+            assert not plan.cut and plan.run_steps == 12 and plan.rule.startswith("do not freeze"), plan.rule
+            report = json.loads((out / "report.json").read_text())["freezekern"]
+            assert report["trainable_params"] == sum(p.numel() for p in fk.load_model(tiny_dir)[0].parameters())
+            continue
         assert plan.cut and plan.boundary > 0
         assert (plan.moving is not None) == moves, (flag, plan.rule)
     capsys.readouterr()

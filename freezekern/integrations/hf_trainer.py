@@ -96,6 +96,7 @@ from freezekern.integrations.distributed import agree_on_boundary, agree_on_plan
 from freezekern.integrations.trainer_access import (
     calibration_batches,
     find_trainer,
+    planned_steps,
     trace_model,
     trainer_calibration_batches,
     under_engine,
@@ -107,7 +108,8 @@ from freezekern.model.engines import (
     stop_updating,
 )
 from freezekern.model.peft import unwrap_peft
-from freezekern.policy.moving import moves_by_default, moving_plan, schedule_of
+from freezekern.policy.default import default_plan, default_rule
+from freezekern.policy.moving import moving_plan, schedule_of
 from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, FreezePlan
 from freezekern.policy.rules import plan as make_plan
 
@@ -137,12 +139,15 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     length (``max_steps``, or the epochs' steps) makes the schedule
     budget-aware (``freezekern.policy.moving_plan``; the plan says why). A
     plan made by ``moving_plan`` moves by itself. ``moving=None`` (the
-    default): the library's default (``freezekern.policy.moving.moves_by_default``),
-    which applies only where the callback chooses the boundary itself from
-    the trace (no ``plan=``, policy gain_share or salf, no ``reselect_every``),
-    the weights train in full (no PEFT adapters) and the Trainer does not run
-    DeepSpeed (whose ZeRO partitions are built once, at the early boundary);
-    anywhere else the boundary is static.
+    default): the library's default for the run's length
+    (``freezekern.policy.default``: no freezing for short runs, where the
+    quality study found that freezing does not pay; a moving boundary for
+    longer ones, static under DeepSpeed, whose ZeRO partitions are built
+    once), which applies only where the callback chooses the boundary itself
+    from the trace (no ``plan=``, policy gain_share or salf, no
+    ``reselect_every``) and the weights train in full (no PEFT adapters);
+    anywhere else the boundary is static. ``moving=False`` freezes at the
+    traced boundary whatever the run's length.
     ``budget`` is the deprecated name of ``trained_share``.
     """
 
@@ -188,7 +193,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             raise TypeError(f"moving must be True, False, None or a dict of MovingSchedule settings, got {moving!r}")
         self.moving = moving
         self._chooses_plan = plan is None and self._fixed_boundary is None
-        self._default_moves: bool | None = None  # moving=None resolved once, on first need
+        self._default: str | None = None  # moving=None resolved once (default_rule), on first need
         self.mover = None  # a freezekern.cut.moving.MovingBoundary while the boundary moves
         self.plan = FreezePlan.from_dict(plan) if isinstance(plan, dict) else plan
         self.policy = policy
@@ -223,19 +228,25 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         summary = discover(unwrap_peft(model)[0]).summary()
         self.plan = make_plan(summary, "fixed", boundary=self._fixed_boundary, **kwargs)
 
+    def _default_rule(self, model=None, optimizer=None, run_steps: int | None = None) -> str | None:
+        """``default_rule`` for this run, resolved once (None where the user chose: ``moving``, a plan,
+        ``reselect_every``); ``run_steps`` the run's length where known."""
+        if self.moving is not None or not self._chooses_plan or self.reselect_every:
+            return None
+        if self._default is None:
+            trainer = self._trainer() if self._trainer is not None else None
+            engine = engine_name(self._wrapped_model(model), optimizer) if model is not None else None
+            builds_once = getattr(trainer, "is_deepspeed_enabled", False) or (engine or "").startswith("DeepSpeed")
+            self._default = default_rule(self.policy, run_steps,
+                                         adapters=model is not None and unwrap_peft(model)[1],
+                                         engine_builds_once=bool(builds_once))
+        return self._default
+
     def _moves(self, model=None, optimizer=None) -> bool | dict:
         """``moving``, with None resolved (once) to the library's default for this run (see the class)."""
         if self.moving is not None:
             return self.moving
-        if self._default_moves is None:
-            trainer = self._trainer() if self._trainer is not None else None
-            engine = engine_name(self._wrapped_model(model), optimizer) if model is not None else None
-            self._default_moves = bool(
-                self._chooses_plan and not self.reselect_every
-                and moves_by_default(self.policy, adapters=model is not None and unwrap_peft(model)[1])
-                and not getattr(trainer, "is_deepspeed_enabled", False)
-                and not (engine or "").startswith("DeepSpeed"))
-        return self._default_moves
+        return self._default_rule(model, optimizer) == "moving"
 
     def _make_plan(self, trace: DeviationTrace) -> FreezePlan:
         kwargs = dict(self.policy_kwargs)
@@ -366,12 +377,14 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             batches = trainer_calibration_batches(trainer, self.calibration_batches)
             self.plan = self._analyse(model, batches)
         if self.plan is not None:
-            self._apply(model, self._early_plan(self.plan, model))
+            run_steps = planned_steps(trainer) if trainer is not None else None
+            self._apply(model, self._early_plan(self.plan, model, run_steps=run_steps))
             self._applied_at_init = True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None:
             raise RuntimeError("FreezeKernCallback needs the Trainer's model")
+        self._default_rule(model, optimizer, state.max_steps)  # resolved at init already where it applied there
         restored = None
         if isinstance(self.plan, dict):  # restored by the Trainer from trainer_state.json
             self.plan = FreezePlan.from_dict(self.plan)
@@ -417,8 +430,10 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
                 if train_dataloader is None:
                     raise RuntimeError("FreezeKernCallback got no train dataloader to analyse; pass plan=")
                 self.plan = self._analyse(model, calibration_batches(train_dataloader, self.calibration_batches))
-            self._check_ddp_after_wrap(args, model, "freeze parameters", optimizer)
-            self._apply(model, self._early_plan(self.plan, model, optimizer))
+            plan = self._early_plan(self.plan, model, optimizer, run_steps=state.max_steps)
+            if plan.cut:
+                self._check_ddp_after_wrap(args, model, "freeze parameters", optimizer)
+            self._apply(model, plan)
             self._after_late_freeze(model, optimizer)
         if self._moves(model, optimizer) or (self.plan is not None and self.plan.moving):
             self._start_moving(args, state, model, optimizer)
@@ -440,12 +455,22 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             self._last_batch = {k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")
                                 if isinstance(kwargs.get(k), torch.Tensor)}
 
-    def _early_plan(self, plan: FreezePlan, model, optimizer=None) -> FreezePlan:
-        """What to apply before the run's length is known: a moving boundary's default start."""
+    def _early_plan(self, plan: FreezePlan, model, optimizer=None, run_steps: int | None = None) -> FreezePlan:
+        """What to apply first: the library's default for a run of ``run_steps`` (full fine-tuning for a short
+        run, the static boundary under an engine that builds once), or a moving boundary's start."""
+        rule = self._default_rule(model, optimizer, run_steps)
+        if rule in ("none", "static") and plan.cut and not plan.moving and plan.run_steps is None:
+            return default_plan(self._summary(model), plan, run_steps, rule=rule)
         moving = self._moves(model, optimizer)
         if not moving or plan.moving or not plan.cut:
             return plan
         return moving_plan(plan, **(moving if isinstance(moving, dict) else {}))
+
+    def _summary(self, model):
+        """The trace, or the model's summary where the plan came from a checkpoint (no trace here)."""
+        from freezekern.model.parts import discover
+
+        return self.trace if self.trace is not None else discover(unwrap_peft(model)[0]).summary()
 
     def _start_moving(self, args, state, model, optimizer) -> None:
         """Make the plan budget-aware for this run's length and start moving the boundary."""
@@ -454,8 +479,11 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         moving = self._moves(model, optimizer)
         if moving and (self.plan.run_steps != state.max_steps or not self.plan.moving):
             static = dataclasses.replace(self.plan, moving=None, run_steps=None)
-            self.plan = moving_plan(static, run_steps=state.max_steps,
-                                    **(moving if isinstance(moving, dict) else {}))
+            if self.moving is None:  # the library's default: its plan says why
+                self.plan = default_plan(self._summary(model), static, state.max_steps, rule="moving")
+            else:
+                self.plan = moving_plan(static, run_steps=state.max_steps,
+                                        **(moving if isinstance(moving, dict) else {}))
         schedule = schedule_of(self.plan)
         if schedule is None:  # too short a run to move: the static boundary
             if self.handle.boundary < self.plan.boundary:

@@ -131,3 +131,25 @@ def calibration_batches(train_dataloader, count: int) -> list:
     finally:
         torch.set_rng_state(rng_state[0])
         random.setstate(rng_state[1])
+
+
+def planned_steps(trainer) -> int | None:
+    """The optimizer steps ``trainer.train()`` will run, counted at init as the Trainer will count them:
+    ``max_steps`` when set, else the epochs times one epoch's updates (this rank's batches over the
+    gradient accumulation steps); None where the training set has no length."""
+    import math
+
+    args = trainer.args
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    try:
+        examples = len(trainer.train_dataset)
+    except TypeError:
+        return None
+    world = max(int(getattr(args, "world_size", 1) or 1), 1)
+    per_rank = math.ceil(examples / world)
+    batches = (per_rank // args.per_device_train_batch_size if args.dataloader_drop_last
+               else math.ceil(per_rank / args.per_device_train_batch_size))
+    accumulation = args.gradient_accumulation_steps
+    updates = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return math.ceil(args.num_train_epochs * updates)

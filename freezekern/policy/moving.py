@@ -56,20 +56,6 @@ class MovingSchedule:
 DEFAULT_MOVING = {"start": 0, "begin": 0.1, "finish": 0.6}
 MIN_STEPS_PER_MOVE = 4
 
-# Whether a boundary the library chooses by itself from a trace moves with training (FreezeKernCallback
-# without plan= or moving=, `freezekern finetune` without --moving/--static): the rule for the default,
-# chosen on the validation splits of the quality study v3 (docs/results.md, "The default, chosen on
-# validation").
-DEFAULT_MOVES = False
-
-
-def moves_by_default(policy: str, adapters: bool = False) -> bool:
-    """Whether the default boundary of ``policy`` moves with training: ``DEFAULT_MOVES`` for the rules the
-    study moved towards (gain_share, salf) on weights that train in full; a boundary the user fixed, a
-    share or a FLOPs budget stays where it was put, and so does one above ``adapters`` (LoRA/PEFT: the
-    study moved no adapters)."""
-    return DEFAULT_MOVES and policy in ("gain_share", "salf") and not adapters
-
 
 def moving_plan(plan, run_steps: int | None = None, *, start: int | None = None, begin: float | None = None,
                 finish: float | None = None, settle: float | None = None,

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 from freezekern.model.parts import discover
 from freezekern.model.training import evaluate
-from freezekern.policy.moving import DEFAULT_MOVING, moves_by_default, moving_plan
+from freezekern.policy.default import default_rule
+from freezekern.policy.moving import DEFAULT_MOVING, moving_plan
 from freezekern.policy.rules import FreezePlan
 from freezekern.trials.arms import DEFAULT_CHECKPOINTS, Arm, ArmResult, arm_step_cost
 from freezekern.trials.engine import train_arm
@@ -248,19 +249,23 @@ def compare(
         arms = [_fit_to_budget(arm, plan, parts, trial_kwargs["budget_steps"]) for arm in arms]
         arms = [arm for arm in arms if arm is not None]
     if boundaries == "auto" and not lora:
-        arms = _mark_default(arms, plan)
+        steps = trial_kwargs.get("budget_steps")
+        arms = _mark_default(arms, plan, run_steps=max(int(steps), 1) if steps is not None else None)
     return run_trials(model, train_batches, heldout_batches, arms, **trial_kwargs)
 
 
-def _mark_default(arms: list[Arm], plan: FreezePlan) -> list[Arm]:
-    """The arm ``FreezeKernCallback()`` would train with ``plan``'s policy named so ("..., default)"): the
-    moving one where the default moves (``moves_by_default``) and the budget affords a move, else the static
-    one at the plan's boundary."""
+def _mark_default(arms: list[Arm], plan: FreezePlan, run_steps: int | None = None) -> list[Arm]:
+    """The arm ``FreezeKernCallback()`` would train with ``plan``'s policy for a run of ``run_steps`` steps
+    (``default_rule``) named so ("..., default)"): full fine-tuning where the run is too short for freezing
+    to pay, the moving one where the default moves and the budget affords a move, else the static one at
+    the plan's boundary."""
     if not plan.cut:
         return arms
+    rule = default_rule(plan.policy, run_steps)
+    full = [a for a in arms if a.boundary is None and not a.lora]
     moving = [a for a in arms if a.moving is not None]
     static = [a for a in arms if a.moving is None and not a.lora and a.boundary == plan.boundary]
-    chosen = moving if moves_by_default(plan.policy) and moving else static
+    chosen = full if rule == "none" else moving if rule == "moving" and moving else static
     if not chosen:
         return arms
     marked = dataclasses.replace(chosen[0], name=chosen[0].name[:-1] + ", default)"

@@ -1,6 +1,7 @@
 """A boundary that moves with training: exact gradients, frozen blocks that never change, budget-aware plans."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -156,22 +157,74 @@ def test_settle_signal_is_refused_on_sharded_weights():
     assert handle.active and handle.boundary == 1
 
 
-@pytest.mark.parametrize("default_moves", [True, False])
-def test_the_callbacks_default_boundary_moves_where_the_library_default_says(tmp_path, monkeypatch, default_moves):
-    """``FreezeKernCallback()`` (moving=None) plans from the trace and moves or stays as ``DEFAULT_MOVES``
-    says; either way it ends at the plan's boundary."""
+@pytest.mark.parametrize("full_up_to,default_moves,expected", [
+    (None, True, "moving"), (None, False, "static"), (39, True, "moving"), (40, True, "none"), (40, False, "none")])
+def test_the_callbacks_default_follows_the_library_default_for_the_runs_length(tmp_path, monkeypatch, full_up_to,
+                                                                              default_moves, expected):
+    """``FreezeKernCallback()`` (moving=None) plans from the trace, then trains in full where the run (40
+    steps) is at most ``FULL_UP_TO``, else moves or stays as ``DEFAULT_MOVES`` says and ends at the plan's
+    boundary; the plan says why."""
     from freezekern.integrations import FreezeKernCallback
 
-    monkeypatch.setattr("freezekern.policy.moving.DEFAULT_MOVES", default_moves)
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", full_up_to)
+    monkeypatch.setattr("freezekern.policy.default.DEFAULT_MOVES", default_moves)
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cb = FreezeKernCallback(calibration_batches=2)
-    _train(tmp_path, _model(), [cb])
+    _train(tmp_path, model, [cb])
+    if expected == "none":
+        assert not cb.plan.cut and cb.plan.policy == "none" and cb.plan.run_steps == 40
+        assert cb.plan.rule.startswith("do not freeze: a run of 40 steps") and "gain_share boundary" in cb.plan.rule
+        assert cb.moves == [] and all(p.requires_grad for p in model.parameters())
+        assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+        assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+        return
     assert cb.plan.policy == "gain_share" and cb.plan.boundary > 0
-    if default_moves:
+    assert ("the default freezes: a run of 40 steps is longer" in cb.plan.rule) == (full_up_to is not None)
+    if expected == "moving":
         assert cb.plan.moving is not None and cb.plan.run_steps == 40 and "moving boundary" in cb.plan.rule
         assert cb.moves and cb.moves[0][1] == cb.plan.moving["start"] and cb.moves[-1][2] == cb.plan.boundary
     else:
         assert cb.plan.moving is None and cb.moves == []
     assert cb.handle.boundary == cb.plan.boundary
+    unchanged = torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+    assert unchanged == (expected == "static"), "block 1 trains early only where the boundary moves"
+
+
+@pytest.mark.parametrize("epochs,accumulation,drop_last", [(2, 3, False), (1.5, 1, True), (3, 4, True)])
+def test_the_run_length_read_at_init_is_the_trainers_own(tmp_path, epochs, accumulation, drop_last):
+    """``planned_steps`` (read at init, where a boundary applied before the engine is built must be decided)
+    equals the ``max_steps`` the Trainer computes when training starts, for epoch-based runs."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from freezekern.integrations.trainer_access import planned_steps
+
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=epochs, per_device_train_batch_size=3,
+                             gradient_accumulation_steps=accumulation, dataloader_drop_last=drop_last,
+                             use_cpu=True, report_to=[], save_strategy="no")
+    trainer = Trainer(model=_model(), args=args, train_dataset=_Rows(), data_collator=default_data_collator)
+    expected = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+    assert planned_steps(trainer) == expected
+    assert planned_steps(Trainer(model=_model(), args=dataclasses.replace(args, max_steps=7),
+                                 train_dataset=_Rows(), data_collator=default_data_collator)) == 7
+
+
+def test_a_short_run_planned_at_init_trains_in_full_from_the_start(tmp_path, monkeypatch):
+    """With calibration data the boundary is decided at init, before the optimizer exists: a run within
+    ``FULL_UP_TO`` is known short there and nothing is ever frozen (no embedding left out of the optimizer)."""
+    from freezekern.integrations import FreezeKernCallback
+
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", 150)
+    monkeypatch.setattr("freezekern.policy.default.DEFAULT_MOVES", True)
+    model = _model()
+    before = model.model.embed_tokens.weight.detach().clone()
+    cb = FreezeKernCallback(calibration_data=[_batch(5)])
+    trainer = _train(tmp_path, model, [cb], steps=12)
+    assert not cb.plan.cut and cb.plan.run_steps == 12 and cb._applied_at_init
+    assert all(p.requires_grad for p in model.parameters())
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimised for p in model.parameters())
+    assert not torch.equal(model.model.embed_tokens.weight, before)
 
 
 def test_the_default_stays_static_where_the_user_chose_or_the_engine_builds_once(monkeypatch):
@@ -183,7 +236,8 @@ def test_the_default_stays_static_where_the_user_chose_or_the_engine_builds_once
 
     from freezekern.integrations import FreezeKernCallback
 
-    monkeypatch.setattr("freezekern.policy.moving.DEFAULT_MOVES", True)
+    monkeypatch.setattr("freezekern.policy.default.DEFAULT_MOVES", True)
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", None)
     model = _model()
     assert FreezeKernCallback()._moves(model) is True
     assert FreezeKernCallback(policy="salf")._moves(model) is True

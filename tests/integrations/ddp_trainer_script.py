@@ -3,8 +3,8 @@
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         tests/integrations/ddp_trainer_script.py OUT_DIR
 
-Each rank trains a tiny model with the Trainer, FreezeKernCallback() without
-a plan (at Trainer init every rank analyses its own share of the data, the
+Each rank trains a tiny model with the Trainer, FreezeKernCallback(moving=False)
+without a plan (the traced boundary although the run is short; at Trainer init every rank analyses its own share of the data, the
 traces are merged and the boundary agreed on, before DDP wraps the model) and
 BackwardProfileCallback, then writes what it
 trained to OUT_DIR/rank<r>.json.
@@ -40,7 +40,7 @@ def main(out_dir: str) -> None:
 
     torch.set_num_threads(1)
     model = fk.tiny_model("llama", num_layers=6, hidden=32, vocab=97, tie=True, seed=0)
-    freeze = FreezeKernCallback(calibration_batches=2)
+    freeze = FreezeKernCallback(calibration_batches=2, moving=False)
     profile = BackwardProfileCallback(steps=2, warmup=0, repeats=1, print_verdict=False, output_dir=out_dir)
     args = TrainingArguments(
         output_dir=out_dir, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,

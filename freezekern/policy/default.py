@@ -1,0 +1,98 @@
+"""The library's default: whether and how to freeze when the user does not say, by the run's length.
+
+Chosen on the validation splits of the quality study v3 (``docs/results.md``,
+"The default, chosen on validation"; test losses are only reported). At the
+one budget the study measured, ``STUDIED_STEPS`` steps of full fine-tuning
+per run (AdamW, warmup, cosine decay), full fine-tuning had the lowest mean
+validation gap over four tasks, and among the freezing rules the boundary
+that moves with training was best on every task. Hence:
+
+* a run of at most ``FULL_UP_TO`` steps does not freeze (``"none"``);
+* a longer run freezes with the trace's boundary, moving with training
+  (``DEFAULT_MOVES``) where the engine allows it, else static. Lengths beyond
+  the study are the method's claim, not measured here; the plan says so.
+
+It applies where the library chooses the boundary itself from a trace (policy
+gain_share or salf) on weights that train in full; a boundary, share or
+budget the user gave, and PEFT/LoRA adapters (the study moved and compared
+none), keep the user's static plan. ``FreezeKernCallback``, ``freezekern
+finetune`` and ``compare`` (which arm it names the default) ask ``default_rule``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+STUDIED_STEPS = 150
+# The longest run (in optimizer steps) for which the default trains in full; None: always freeze.
+FULL_UP_TO: int | None = STUDIED_STEPS
+# Whether the default boundary of a longer run moves with training (False: static from the first step).
+DEFAULT_MOVES = True
+# What the study measured, quoted by the plans the default makes.
+EVIDENCE = ("full fine-tuning was best on validation (mean gap +0.7 % over four tasks; the best freezing rule, the "
+            "moving boundary, +8.5 %; the static trace boundary +18 %)")
+
+DEFAULT_RULES = ("gain_share", "salf")
+
+
+def default_rule(policy: str, run_steps: int | None, *, adapters: bool = False,
+                 engine_builds_once: bool = False) -> str:
+    """What the default does with ``policy``'s traced boundary for a run of ``run_steps`` optimizer steps
+    (None: unknown): ``"none"`` (train in full), ``"moving"`` or ``"static"``. ``adapters``: PEFT/LoRA
+    weights train; ``engine_builds_once``: the engine fixes the trained set when it is built (DeepSpeed
+    ZeRO), so the boundary cannot move later."""
+    if run_steps is not None and run_steps < 1:
+        raise ValueError(f"run_steps must be positive, got {run_steps}")
+    if policy not in DEFAULT_RULES or adapters:
+        return "static"
+    if FULL_UP_TO is not None and run_steps is not None and run_steps <= FULL_UP_TO:
+        return "none"
+    return "moving" if DEFAULT_MOVES and not engine_builds_once else "static"
+
+
+def default_in_words() -> str:
+    """The default as a help text says it, e.g. "no freezing up to 150 steps, moving beyond"."""
+    beyond = "moving" if DEFAULT_MOVES else "static"
+    if FULL_UP_TO is None:
+        return f"{beyond} at every length"
+    return f"no freezing for runs of up to {FULL_UP_TO} steps, {beyond} beyond"
+
+
+def unfrozen_plan(trace, plan, run_steps: int):
+    """The default's plan for a run too short for freezing to pay: full fine-tuning (policy "none", no cut)
+    for ``trace``'s model, saying why and which boundary ``plan`` (the traced rule's) would have frozen."""
+    from freezekern.policy.rules import plan as make_plan
+
+    full = make_plan(trace, "none")
+    why = (f"do not freeze: a run of {run_steps} steps is at most {FULL_UP_TO}; at {STUDIED_STEPS} steps the "
+           f"quality study found that {EVIDENCE}; the "
+           f"{plan.policy} boundary would have been k={plan.boundary}. To freeze anyway, fix the boundary "
+           "(FreezeKernCallback(moving=False) or plan=k; freezekern finetune --static or --moving)")
+    return dataclasses.replace(full, rule=why, run_steps=run_steps)
+
+
+def default_plan(trace, plan, run_steps: int | None, *, adapters: bool = False, engine_builds_once: bool = False,
+                 moving: dict | None = None, rule: str | None = None):
+    """The plan the default trains, from ``plan`` (static, traced with gain_share or salf on ``trace``, a
+    DeviationTrace or a model summary): ``unfrozen_plan``, a moving plan (``moving_plan`` with ``moving``'s
+    settings, budget-aware) or ``plan`` itself, each saying in ``rule`` why where the run's length decided
+    it. ``rule``: ``default_rule``'s answer when the caller resolved it already (once per run)."""
+    from freezekern.policy.moving import moving_plan
+
+    if rule is None:
+        rule = default_rule(plan.policy, run_steps, adapters=adapters, engine_builds_once=engine_builds_once)
+    if rule == "none":
+        if run_steps is None:
+            raise ValueError("the default trains in full only for a run of known length: pass run_steps")
+        return unfrozen_plan(trace, plan, run_steps)
+    if rule == "moving" and plan.cut:
+        plan = moving_plan(plan, run_steps=run_steps, **(moving or {}))
+    if FULL_UP_TO is not None and plan.cut and plan.policy in DEFAULT_RULES and not adapters:
+        length = (f"a run of {run_steps} steps is longer than {FULL_UP_TO}" if run_steps is not None
+                  else "the run's length is unknown")
+        note = (f"the default freezes: {length} (it trains runs of up to {FULL_UP_TO} steps in full: at "
+                f"{STUDIED_STEPS} steps the quality study found that {EVIDENCE}); savings at longer runs are the "
+                "method's claim, not measured here")
+        plan = dataclasses.replace(plan, rule=f"{plan.rule}; {note}" if plan.rule else note,
+                                   run_steps=plan.run_steps if plan.run_steps is not None else run_steps)
+    return plan
