@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="move the boundary with training: every block trains early, the plan's boundary "
                             "from 60%% of the steps on (budget-aware: a short run freezes more from the start)")
     moves.add_argument("--static", dest="moving", action="store_false",
-                       help="keep the plan's boundary from the first step (default for policies gain_share "
-                            "and salf without --lora: " + default_in_words() + ")")
+                       help="keep the plan's boundary from the first step, whatever the run's length "
+                            "(without --moving or --static, policies gain_share and salf without --lora: "
+                            + default_in_words() + ")")
     finetune.add_argument("--eval-tokens", type=int, default=2048)
     finetune.add_argument("--gradient-checkpointing", action="store_true")
     finetune.add_argument("--lora", action="store_true", help="LoRA adapters on the trained blocks only")

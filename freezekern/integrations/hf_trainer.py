@@ -108,7 +108,7 @@ from freezekern.model.engines import (
     stop_updating,
 )
 from freezekern.model.peft import unwrap_peft
-from freezekern.policy.default import default_plan, default_rule
+from freezekern.policy.default import default_plan, default_rule, noted
 from freezekern.policy.moving import moving_plan, schedule_of
 from freezekern.policy.rules import DEFAULT_POLICY, PLAN_FILE, FreezePlan
 from freezekern.policy.rules import plan as make_plan
@@ -194,6 +194,8 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         self.moving = moving
         self._chooses_plan = plan is None and self._fixed_boundary is None
         self._default: str | None = None  # moving=None resolved once (default_rule), on first need
+        self._decided_for: int | None = None  # the run length it was resolved for (None: unknown)
+        self._static_plan: FreezePlan | None = None  # the plan a moving boundary moves towards, as traced
         self.mover = None  # a freezekern.cut.moving.MovingBoundary while the boundary moves
         self.plan = FreezePlan.from_dict(plan) if isinstance(plan, dict) else plan
         self.policy = policy
@@ -231,16 +233,36 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     def _default_rule(self, model=None, optimizer=None, run_steps: int | None = None) -> str | None:
         """``default_rule`` for this run, resolved once (None where the user chose: ``moving``, a plan,
         ``reselect_every``); ``run_steps`` the run's length where known."""
-        if self.moving is not None or not self._chooses_plan or self.reselect_every:
+        if not self._library_chooses():
             return None
         if self._default is None:
-            trainer = self._trainer() if self._trainer is not None else None
-            engine = engine_name(self._wrapped_model(model), optimizer) if model is not None else None
-            builds_once = getattr(trainer, "is_deepspeed_enabled", False) or (engine or "").startswith("DeepSpeed")
-            self._default = default_rule(self.policy, run_steps,
-                                         adapters=model is not None and unwrap_peft(model)[1],
-                                         engine_builds_once=bool(builds_once))
+            self._default, self._decided_for = self._rule_for(model, optimizer, run_steps), run_steps
         return self._default
+
+    def _library_chooses(self) -> bool:
+        """Whether the library's default applies: the user set neither ``moving``, a plan nor ``reselect_every``."""
+        return self.moving is None and self._chooses_plan and not self.reselect_every
+
+    def _rule_for(self, model, optimizer, run_steps: int | None) -> str:
+        trainer = self._trainer() if self._trainer is not None else None
+        engine = engine_name(self._wrapped_model(model), optimizer) if model is not None else None
+        builds_once = getattr(trainer, "is_deepspeed_enabled", False) or (engine or "").startswith("DeepSpeed")
+        capped = self.trained_share is not None or self.policy_kwargs.get("flops_budget") is not None
+        return default_rule(self.policy, run_steps, adapters=model is not None and unwrap_peft(model)[1],
+                            engine_builds_once=bool(builds_once), capped=capped)
+
+    def _check_decided_length(self, model, optimizer, max_steps: int) -> None:
+        """Warn where the default was decided at init for a run length other than the one that trains."""
+        if self._default is None or self._decided_for == max_steps:
+            return
+        now = self._rule_for(model, optimizer, max_steps)
+        if now != self._default:
+            logger.warning(
+                "freezekern: the default was decided at Trainer init for a run of %s steps (%s); the run has %d "
+                "steps, for which it would be %s. It keeps %s (the boundary was applied before the engine was "
+                "built); to choose yourself, pass FreezeKernCallback(moving=False/True) or plan=",
+                self._decided_for if self._decided_for is not None else "unknown", self._default, max_steps, now,
+                self._default)
 
     def _moves(self, model=None, optimizer=None) -> bool | dict:
         """``moving``, with None resolved (once) to the library's default for this run (see the class)."""
@@ -305,7 +327,11 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
                      "train_head": self.train_head, "frozen_adapters": self.frozen_adapters,
                      "fused_loss": self.fused_loss, "policy_kwargs": self.policy_kwargs, "moving": self.moving},
             "attributes": {"plan": self.plan.to_dict() if self.plan is not None else None,
-                           "moves": [list(m) for m in self.moves]},
+                           "moves": [list(m) for m in self.moves],
+                           # who chose the boundary and what the default decided, for a callback rebuilt from
+                           # this state (restore_callback_states_from_checkpoint) that gets no plan= argument
+                           "_chooses_plan": self._chooses_plan, "_default": self._default,
+                           "_decided_for": self._decided_for},
         }
 
     def _checkpoint_plan(self, args, state) -> tuple[FreezePlan | None, str | None]:
@@ -384,7 +410,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None:
             raise RuntimeError("FreezeKernCallback needs the Trainer's model")
-        self._default_rule(model, optimizer, state.max_steps)  # resolved at init already where it applied there
+        if self._library_chooses():  # resolved at init already where the boundary was applied there
+            self._default_rule(model, optimizer, state.max_steps)
+            self._check_decided_length(model, optimizer, state.max_steps)
         restored = None
         if isinstance(self.plan, dict):  # restored by the Trainer from trainer_state.json
             self.plan = FreezePlan.from_dict(self.plan)
@@ -460,10 +488,11 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         run, the static boundary under an engine that builds once), or a moving boundary's start."""
         rule = self._default_rule(model, optimizer, run_steps)
         if rule in ("none", "static") and plan.cut and not plan.moving and plan.run_steps is None:
-            return default_plan(self._summary(model), plan, run_steps, rule=rule)
+            return default_plan(self._summary(model), plan, self._decided_for, rule=rule)
         moving = self._moves(model, optimizer)
         if not moving or plan.moving or not plan.cut:
             return plan
+        self._static_plan = plan
         return moving_plan(plan, **(moving if isinstance(moving, dict) else {}))
 
     def _summary(self, model):
@@ -478,9 +507,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
             return
         moving = self._moves(model, optimizer)
         if moving and (self.plan.run_steps != state.max_steps or not self.plan.moving):
-            static = dataclasses.replace(self.plan, moving=None, run_steps=None)
+            static = self._static_plan or dataclasses.replace(self.plan, moving=None, run_steps=None)
             if self.moving is None:  # the library's default: its plan says why
-                self.plan = default_plan(self._summary(model), static, state.max_steps, rule="moving")
+                self.plan = noted(moving_plan(static, run_steps=state.max_steps), self._decided_for)
             else:
                 self.plan = moving_plan(static, run_steps=state.max_steps,
                                         **(moving if isinstance(moving, dict) else {}))

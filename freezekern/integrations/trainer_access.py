@@ -134,9 +134,11 @@ def calibration_batches(train_dataloader, count: int) -> list:
 
 
 def planned_steps(trainer) -> int | None:
-    """The optimizer steps ``trainer.train()`` will run, counted at init as the Trainer will count them:
-    ``max_steps`` when set, else the epochs times one epoch's updates (this rank's batches over the
-    gradient accumulation steps); None where the training set has no length."""
+    """The optimizer steps ``trainer.train()`` will run, counted at init as the Trainer will count them
+    (``set_initial_training_values``): ``max_steps`` when set, else the epochs times one epoch's updates,
+    this rank's batches (accelerate's ``BatchSamplerShard`` share of the training set, ``split_batches``,
+    ``even_batches`` and ``dataloader_drop_last`` included) over the gradient accumulation steps; None where
+    the training set has no length. The callback compares it with ``state.max_steps`` when training starts."""
     import math
 
     args = trainer.args
@@ -146,10 +148,20 @@ def planned_steps(trainer) -> int | None:
         examples = len(trainer.train_dataset)
     except TypeError:
         return None
-    world = max(int(getattr(args, "world_size", 1) or 1), 1)
-    per_rank = math.ceil(examples / world)
-    batches = (per_rank // args.per_device_train_batch_size if args.dataloader_drop_last
-               else math.ceil(per_rank / args.per_device_train_batch_size))
+    accelerator = getattr(trainer, "accelerator", None)
+    config = getattr(accelerator, "dataloader_config", None)
+    processes = int(getattr(accelerator, "num_processes", 1) or 1)
+    drop_last = bool(args.dataloader_drop_last)
+    batch = args.train_batch_size
+    batches = examples // batch if drop_last else math.ceil(examples / batch)
+    if processes > 1 and not getattr(config, "split_batches", False):
+        share, remainder = divmod(batches, processes)
+        rank = int(getattr(accelerator, "process_index", 0) or 0)
+        even = getattr(config, "even_batches", True)
+        batches = share + int(remainder > 0 and not drop_last and (even or rank < remainder))
+    sequence_parallel = getattr(trainer, "get_sp_size", None)
+    if callable(sequence_parallel):
+        batches *= max(int(sequence_parallel()), 1)
     accumulation = args.gradient_accumulation_steps
     updates = max(batches // accumulation + int(batches % accumulation > 0), 1)
     return math.ceil(args.num_train_epochs * updates)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from freezekern.model.parts import discover
 from freezekern.model.training import evaluate
-from freezekern.policy.default import default_rule
+from freezekern.policy.default import capped, default_rule
 from freezekern.policy.moving import DEFAULT_MOVING, moving_plan
 from freezekern.policy.rules import FreezePlan
 from freezekern.trials.arms import DEFAULT_CHECKPOINTS, Arm, ArmResult, arm_step_cost
@@ -261,7 +261,7 @@ def _mark_default(arms: list[Arm], plan: FreezePlan, run_steps: int | None = Non
     the plan's boundary."""
     if not plan.cut:
         return arms
-    rule = default_rule(plan.policy, run_steps)
+    rule = default_rule(plan.policy, run_steps, capped=capped(plan))
     full = [a for a in arms if a.boundary is None and not a.lora]
     moving = [a for a in arms if a.moving is not None]
     static = [a for a in arms if a.moving is None and not a.lora and a.boundary == plan.boundary]

@@ -94,8 +94,9 @@ class _Rows(torch.utils.data.Dataset):
         return {k: v[0] for k, v in _batch(i, rows=1).items()}
 
 
-def _train(tmp_path, model, callbacks, steps=40, **arguments):
-    """A Trainer run of ``steps`` over ``_Rows`` (AdamW, weight decay 0.1; ``arguments`` override)."""
+def _train(tmp_path, model, callbacks, steps=40, resume=None, **arguments):
+    """A Trainer run of ``steps`` over ``_Rows`` (AdamW, weight decay 0.1; ``arguments`` override),
+    resumed from ``resume`` (a checkpoint, or True: the last in ``tmp_path``) where given."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     args = TrainingArguments(**{"output_dir": str(tmp_path), "max_steps": steps, "per_device_train_batch_size": 2,
@@ -104,7 +105,7 @@ def _train(tmp_path, model, callbacks, steps=40, **arguments):
                                 "dataloader_num_workers": 0, **arguments})
     trainer = Trainer(model=model, args=args, train_dataset=_Rows(), data_collator=default_data_collator,
                       callbacks=callbacks)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -247,6 +248,8 @@ def test_the_default_stays_static_where_the_user_chose_or_the_engine_builds_once
     assert FreezeKernCallback(reselect_every=5)._moves(model) is False
     assert FreezeKernCallback(moving=False)._moves(model) is False
     assert FreezeKernCallback(plan=3, moving=True)._moves(model) is True
+    assert FreezeKernCallback(trained_share=0.5)._moves(model) is False
+    assert FreezeKernCallback(policy_kwargs={"flops_budget": 0.6})._moves(model) is False
     lora = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert FreezeKernCallback()._moves(lora) is False
 
@@ -259,3 +262,114 @@ def test_the_default_stays_static_where_the_user_chose_or_the_engine_builds_once
     assert cb._moves(model) is False
     cb._trainer = None
     assert cb._moves(model) is False, "resolved once: the answer cannot change between init and training"
+
+
+def test_a_short_run_trains_in_full_only_where_the_library_chooses(monkeypatch):
+    """For a run within ``FULL_UP_TO`` the default trains in full; a boundary, a share or a FLOPs cap the
+    user set, adapters, or an explicit ``moving`` keep freezing."""
+    import peft
+
+    from freezekern.integrations import FreezeKernCallback
+
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", 150)
+    monkeypatch.setattr("freezekern.policy.default.DEFAULT_MOVES", True)
+    model = _model()
+    assert FreezeKernCallback()._default_rule(model, None, 150) == "none"
+    assert FreezeKernCallback(policy="salf")._default_rule(model, None, 10) == "none"
+    assert FreezeKernCallback()._default_rule(model, None, 151) == "moving"
+    assert FreezeKernCallback(trained_share=0.5)._default_rule(model, None, 10) == "static"
+    assert FreezeKernCallback(policy_kwargs={"flops_budget": 0.6})._default_rule(model, None, 10) == "static"
+    lora = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert FreezeKernCallback()._default_rule(lora, None, 10) == "static"
+    for chosen in (FreezeKernCallback(plan=3), FreezeKernCallback(moving=False), FreezeKernCallback(moving=True),
+                   FreezeKernCallback(reselect_every=5), FreezeKernCallback(policy="fixed")):
+        assert chosen._default_rule(model, None, 10) in (None, "static")
+
+
+def test_a_capped_default_keeps_its_cap(tmp_path, monkeypatch):
+    """``trained_share`` caps the trained blocks from the first step, whatever the run's length."""
+    from freezekern.integrations import FreezeKernCallback
+
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", 150)
+    cb = FreezeKernCallback(calibration_batches=2, trained_share=0.34)
+    _train(tmp_path, _model(), [cb], steps=6)
+    assert cb.plan.cut and cb.plan.moving is None and cb.moves == []
+    assert L - cb.handle.boundary <= -(-0.34 * L // 1)
+
+
+@pytest.mark.parametrize("case", ["fixed", "default"])
+def test_resuming_with_restored_callback_state_keeps_the_decision(tmp_path, monkeypatch, case):
+    """A callback the Trainer rebuilds from ``trainer_state.json`` (``restore_callback_states_from_checkpoint``)
+    gets no ``plan=`` argument: it still knows the user chose the boundary (plan=3 stays static in a run the
+    default would move) and what the default decided (a short run stays unfrozen)."""
+    from freezekern.integrations import FreezeKernCallback
+
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", 5 if case == "fixed" else 150)
+    monkeypatch.setattr("freezekern.policy.default.DEFAULT_MOVES", True)
+    make = (lambda: FreezeKernCallback(plan=3)) if case == "fixed" else (lambda: FreezeKernCallback(calibration_batches=2))
+    arguments = {"save_strategy": "steps", "save_steps": 4, "restore_callback_states_from_checkpoint": True}
+    first = make()
+    _train(tmp_path, _model(), [first], steps=8, **arguments)
+    for folder in tmp_path.glob("checkpoint-8"):
+        import shutil
+
+        shutil.rmtree(folder)
+    model = _model()
+    again = make()
+    trainer = _train(tmp_path, model, [again], steps=8, resume=True, **arguments)
+    restored = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, FreezeKernCallback))
+    assert restored.plan.to_dict() == first.plan.to_dict()
+    if case == "fixed":
+        assert restored.handle.boundary == 3 and restored.plan.moving is None and restored.moves == []
+    else:
+        assert not restored.plan.cut and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("examples,batch,processes,drop_last,split,even,rank", [
+    (601, 1, 4, True, False, True, 0), (10, 1, 4, False, False, True, 0), (10, 1, 4, False, False, False, 3),
+    (10, 1, 4, False, False, False, 1), (37, 4, 2, False, True, True, 1), (37, 3, 3, True, False, True, 2),
+    (64, 2, 1, False, False, True, 0)])
+def test_the_run_length_read_at_init_counts_each_ranks_share_as_accelerate_does(examples, batch, processes,
+                                                                              drop_last, split, even, rank):
+    """``planned_steps`` on several ranks: this rank's batches as accelerate's ``BatchSamplerShard`` deals
+    them (``split_batches``, ``even_batches``, ``drop_last``), over the accumulation steps, times the epochs."""
+    import math
+    import types
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from freezekern.integrations.trainer_access import planned_steps
+
+    sampler = BatchSampler(SequentialSampler(range(examples)), batch_size=batch, drop_last=drop_last)
+    batches = len(BatchSamplerShard(sampler, num_processes=processes, process_index=rank, split_batches=split,
+                                    even_batches=even))
+    for epochs, accumulation in ((1, 1), (3, 2), (2.5, 3)):
+        args = types.SimpleNamespace(max_steps=-1, dataloader_drop_last=drop_last, train_batch_size=batch,
+                                     gradient_accumulation_steps=accumulation, num_train_epochs=epochs)
+        accelerator = types.SimpleNamespace(num_processes=processes, process_index=rank,
+                                            dataloader_config=types.SimpleNamespace(split_batches=split,
+                                                                                    even_batches=even))
+        trainer = types.SimpleNamespace(args=args, accelerator=accelerator, train_dataset=list(range(examples)))
+        expected = math.ceil(epochs * max(batches // accumulation + int(batches % accumulation > 0), 1))
+        assert planned_steps(trainer) == expected, (epochs, accumulation)
+
+
+def test_a_run_longer_than_counted_at_init_is_warned_about(monkeypatch, caplog):
+    """The default decided at init for one length and trained for another (a batch size found at run time,
+    a mesh the count does not know) keeps its decision, and says so where the other length would differ."""
+    import logging
+
+    from freezekern.integrations import FreezeKernCallback
+
+    monkeypatch.setattr("freezekern.policy.default.FULL_UP_TO", 150)
+    monkeypatch.setattr("freezekern.policy.default.DEFAULT_MOVES", True)
+    model = _model()
+    cb = FreezeKernCallback()
+    assert cb._default_rule(model, None, 100) == "none"
+    with caplog.at_level(logging.WARNING, logger="freezekern.hf_trainer"):
+        cb._check_decided_length(model, None, 120)  # the same decision: quiet
+        assert not caplog.records
+        cb._check_decided_length(model, None, 400)
+    assert len(caplog.records) == 1 and "would be moving" in caplog.text and "keeps none" in caplog.text
+    assert cb._default_rule(model, None, 400) == "none"
