@@ -73,6 +73,10 @@ def _trainer_engine(engine, tmp_path):
         assert 1 <= defaults["boundary"] <= 5
         _check_trained(defaults)
         assert min(defaults["graph_blocks"]) == defaults["boundary"]
+        library = cases["library"]  # FreezeKernCallback() on a 3-step run: trains in full, decided at init
+        assert library["applied_at_init"] and not library["plan_cut"] and library["boundary"] == 0, library
+        assert library["never_trained"] == [] and library["trained_changed"], library
+        assert library["max_diff"] <= TOLERANCE, library
         _check_trained(cases["plan"], boundary=3)
         assert cases["plan"]["graph_blocks"] == [3, 4, 5]
         fused = cases["fused"]
