@@ -71,6 +71,9 @@ def main(out_dir: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
+    if dist.is_initialized():  # an orderly teardown: gloo's threads left running at exit can abort the process
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
