@@ -3,7 +3,8 @@
 #   bash quickstart.sh            set up, then analyse the built-in model on the built-in data
 #   bash quickstart.sh test       set up, then run lint and the whole test suite (what CI runs)
 #   bash quickstart.sh setup      set up only
-#   bash quickstart.sh finetune   set up, then analyse, plan and fine-tune above the boundary
+#   bash quickstart.sh finetune   set up, then analyse, plan and fine-tune (add --static to freeze a
+#                                 run as short as the default 20 steps, which the default trains in full)
 # Setup is idempotent: a virtualenv in .venv (override with FREEZEKERN_VENV), the CPU build of
 # torch 2.13.0 unless a CUDA torch is already importable, freezekern with its C++ extension, and
 # the default model package. Extra arguments go to the command (e.g. --metric logit_lens).
