@@ -113,12 +113,13 @@ def cmd_analyze(args) -> int:
 
 
 EVIDENCE = ("\nwhat the evidence says (docs/results.md): at short budgets (10-24 full-step equivalents) freezing half "
-            "the blocks beat this boundary on every task of the quality study; at 150 (study v3, first seed of four "
-            "tasks) a static boundary never reached full fine-tuning's best validation loss, full fine-tuning led on "
-            "validation and a moving boundary (--moving, FreezeKernCallback(moving=True)) came next, beating full "
-            "fine-tuning on code with 58 % of its compute. So the default (FreezeKernCallback(), finetune) does not "
-            "freeze runs of up to 150 steps and moves the boundary in longer ones, where savings are not yet "
-            "measured. Before you rely on a boundary, run `freezekern compare` on your own data and budget.")
+            "the blocks beat this boundary on every task of the quality study; at 150 (study v3, first reading: two "
+            "seeds of three tasks, one of the fourth) full fine-tuning led on validation, this boundary came next "
+            "among the freezing rules and reached full fine-tuning's best validation loss on one task (classify, "
+            "48 % of its compute), a moving boundary (--moving) on another (code, 58 %). So the default "
+            "(FreezeKernCallback(), finetune) does not freeze runs of up to 150 steps and freezes at this boundary "
+            "in longer ones, where savings are not yet measured. Before you rely on a boundary, run `freezekern "
+            "compare` on your own data and budget.")
 
 
 def _check_training(args) -> None:
