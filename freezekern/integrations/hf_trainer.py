@@ -141,8 +141,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
     plan made by ``moving_plan`` moves by itself. ``moving=None`` (the
     default): the library's default for the run's length
     (``freezekern.policy.default``: no freezing for short runs, where the
-    quality study found that freezing does not pay; a moving boundary for
-    longer ones, static under DeepSpeed, whose ZeRO partitions are built
+    quality study found that freezing does not pay; the trace's boundary for
+    longer ones, static, or moving where ``DEFAULT_MOVES`` says so and the
+    engine allows it: never under DeepSpeed, whose ZeRO partitions are built
     once), which applies only where the callback chooses the boundary itself
     from the trace (no ``plan=``, policy gain_share or salf, no
     ``reselect_every``) and the weights train in full (no PEFT adapters);
@@ -508,11 +509,9 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         moving = self._moves(model, optimizer)
         if moving and (self.plan.run_steps != state.max_steps or not self.plan.moving):
             static = self._static_plan or dataclasses.replace(self.plan, moving=None, run_steps=None)
+            self.plan = moving_plan(static, run_steps=state.max_steps, **(moving if isinstance(moving, dict) else {}))
             if self.moving is None:  # the library's default: its plan says why
-                self.plan = noted(moving_plan(static, run_steps=state.max_steps), self._decided_for)
-            else:
-                self.plan = moving_plan(static, run_steps=state.max_steps,
-                                        **(moving if isinstance(moving, dict) else {}))
+                self.plan = noted(self.plan, self._decided_for)
         schedule = schedule_of(self.plan)
         if schedule is None:  # too short a run to move: the static boundary
             if self.handle.boundary < self.plan.boundary:
