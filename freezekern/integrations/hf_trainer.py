@@ -107,6 +107,7 @@ from freezekern.model.engines import (
     engine_name,
     stop_updating,
 )
+from freezekern.model.parts import discover
 from freezekern.model.peft import unwrap_peft
 from freezekern.policy.default import default_plan, default_rule, noted
 from freezekern.policy.moving import moving_plan, schedule_of
@@ -116,6 +117,11 @@ from freezekern.policy.rules import plan as make_plan
 logger = logging.getLogger("freezekern.hf_trainer")
 
 TRACE_FILE = "freezekern_trace.json"
+
+
+def _model_summary(model):
+    """The architecture summary (parameter counts per block, no trace) of ``model``, PEFT wrapper unwrapped."""
+    return discover(unwrap_peft(model)[0]).summary()
 
 
 class FreezeKernCallback(TrainerCallback, ExportableState):
@@ -225,11 +231,8 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
         """``plan=k``: the "fixed" policy's plan for ``model`` (refuses a k outside [0, L])."""
         if self.plan is not None or self._fixed_boundary is None:
             return
-        from freezekern.model.parts import discover
-
         kwargs = {"train_head": self.train_head} if self.train_head is not None else {}
-        summary = discover(unwrap_peft(model)[0]).summary()
-        self.plan = make_plan(summary, "fixed", boundary=self._fixed_boundary, **kwargs)
+        self.plan = make_plan(_model_summary(model), "fixed", boundary=self._fixed_boundary, **kwargs)
 
     def _default_rule(self, model=None, optimizer=None, run_steps: int | None = None) -> str | None:
         """``default_rule`` for this run, resolved once (None where the user chose: ``moving``, a plan,
@@ -498,9 +501,7 @@ class FreezeKernCallback(TrainerCallback, ExportableState):
 
     def _summary(self, model):
         """The trace, or the model's summary where the plan came from a checkpoint (no trace here)."""
-        from freezekern.model.parts import discover
-
-        return self.trace if self.trace is not None else discover(unwrap_peft(model)[0]).summary()
+        return self.trace if self.trace is not None else _model_summary(model)
 
     def _start_moving(self, args, state, model, optimizer) -> None:
         """Make the plan budget-aware for this run's length and start moving the boundary."""
