@@ -486,6 +486,28 @@ def savings_table(views: list[TaskView]) -> list[str]:
     return lines + [""]
 
 
+def end_of_budget_table(views: list[TaskView]) -> list[str]:
+    """Every arm's validation / test loss at the end of the budget, per task: the mean over the seeds
+    finished (their count where fewer than the study's seeds)."""
+    names = list(dict.fromkeys(n for v in views for n in v.arms))
+    lines = ["## At the end of the budget", "",
+             "Validation / test loss at 100 % of the budget, each arm at its rate chosen on validation, the mean "
+             "over the seeds finished (\"n seed(s)\" where fewer than the study's):", "",
+             "| arm | " + " | ".join(v.task for v in views) + " |", "|---" * (len(views) + 1) + "|"]
+    for name in names:
+        cells = []
+        for view in views:
+            val = view.at(name, "validation", 1.0) if name in view.arms else None
+            test = view.at(name, "test", 1.0) if name in view.arms else None
+            if val is None or test is None:
+                cells.append("–")
+                continue
+            few = f" ({val[2]} seed{'s' if val[2] > 1 else ''})" if val[2] < len(view.settings.seeds) else ""
+            cells.append(f"{val[0]:.3f} / {test[0]:.3f}{few}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def in_progress(out: Path, settings: Settings, runs: dict) -> list[str]:
     """The jobs a live process holds now, and how many jobs are known to remain."""
     from runs import _alive, _claim_path
@@ -554,6 +576,7 @@ def write_report(out: Path) -> None:
     lines += acceptance(views)
     lines += default_section(views)
     lines += savings_table(views)
+    lines += end_of_budget_table(views)
     moving = plot_moving(out, views)
     if moving:
         lines += ["## The moving boundary", "", f"![the moving boundary over a run]({moving})", ""]

@@ -200,6 +200,7 @@ def test_study3_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
         assert not list((tmp_path / ".state").iterdir())  # every run finished and removed its state
         report = (tmp_path / "results.md").read_text()
         for section in ("## Acceptance", "## The default, chosen on validation", "## Savings at equal quality",
+                        "## At the end of the budget",
                         "## Task: speeches", "Pareto front", "## The moving boundary"):
             assert section in report
         for name in ("speeches_compute.png", "moving_boundary.png"):
@@ -254,6 +255,12 @@ def test_study3_savings_reads_full_fine_tunings_best_validation_off_common_seeds
     assert view.savings("salf") is None  # not run yet
     both = view.savings("full")
     assert both["seeds"] == [0, 1] and both["target"] == pytest.approx(1.85) and both["share"] == 1.0
+    table = report3.end_of_budget_table([view])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table if line.startswith("| ")}
+    assert rows["full"] == "| full | 1.850 / 1.850 |"  # mean of 1.6 and 2.1 over both seeds
+    assert rows["freeze half"] == "| freeze half | 1.300 / 1.300 (1 seed) |"
+    assert rows["default"] == rows["freeze half"].replace("freeze half", "default")  # trains alike
+    assert rows["salf"] == "| salf | – |"
     plans["baseline"]["validation"]["loss"] = 1.0  # full fine-tuning never beats the untrained model
     (tmp_path / "plans_code.json").write_text(json.dumps(plans))
     view = report3.TaskView(tmp_path, "code", settings, runs)
