@@ -17,8 +17,7 @@ from freezekern.ops.verification import verify
 from freezekern.policy import FreezePlan, MovingSchedule, plan
 from freezekern.profiler import profile
 from freezekern.trials import Arm, Schedule, compare, probe_plan
-
-__version__ = "0.1.0"
+from freezekern.version import __version__  # noqa: F401 (the package version, freezekern.__version__)
 
 __all__ = [
     "Arm",

@@ -23,9 +23,9 @@ import json
 import statistics
 from pathlib import Path
 
+from design3 import ALL_TASKS, Settings, arms_for, best_rate, config_key, grown_grid, job_list
 from report import mean_curve, pareto, value_at
-from runs import load_runs, run_key
-from study3 import Settings, arms_for, best_rate, config_key, grown_grid
+from runs import claimed_by, load_runs, run_key
 
 from freezekern.trials import Arm
 
@@ -510,18 +510,11 @@ def end_of_budget_table(views: list[TaskView]) -> list[str]:
 
 def in_progress(out: Path, settings: Settings, runs: dict) -> list[str]:
     """The jobs a live process holds now, and how many jobs are known to remain."""
-    from runs import _alive, _claim_path
-    from study3 import ALL_TASKS, job_list
-
     jobs, complete = job_list(list(ALL_TASKS), settings, out, runs)
     held = []
     for job in jobs:
-        path = _claim_path(out, job.key)
-        try:
-            pid = int(path.read_text() or 0)
-        except (OSError, ValueError):
-            continue
-        if pid and _alive(pid):
+        pid = claimed_by(out, job.key)
+        if pid is not None:
             what = "plans" if job.stage == "plans" else f"{job.stage} {job.arm.name} lr {job.arm.lr:g} seed {job.seed}"
             held.append(f"{job.task}: {what} (process {pid})")
     left = sum(1 for j in jobs if (j.key not in runs if j.stage != "plans"
@@ -541,8 +534,6 @@ def write_report(out: Path) -> None:
         return
     settings = load_settings(out)
     runs = load_runs(out / "runs.jsonl")
-    from study3 import ALL_TASKS
-
     planned = [t for t in ALL_TASKS if (out / f"plans_{t}.json").is_file()]
     views = [TaskView(out, t, settings, runs) for t in planned]
     finals = [r for r in runs.values() if r.get("stage") == "final"]

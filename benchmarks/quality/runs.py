@@ -56,6 +56,15 @@ def claim(out: Path, key: str) -> bool:
     return True
 
 
+def claimed_by(out: Path, key: str) -> int | None:
+    """The pid of the live process that holds the run ``key``, or None (unclaimed, or its owner died)."""
+    try:
+        pid = int(_claim_path(out, key).read_text() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and _alive(pid) else None
+
+
 def release(out: Path, key: str) -> None:
     _claim_path(out, key).unlink(missing_ok=True)
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from freezekern.ops.tolerance import judge
+from freezekern.version import __version__
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IGNORE = -100
@@ -491,8 +492,6 @@ def verify(*, ops: list[str] | None = None, backends: list[str] | None = None,
 
 
 def _machine() -> dict:
-    from freezekern import __version__
-
     info = {"freezekern": __version__, "torch": torch.__version__, "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

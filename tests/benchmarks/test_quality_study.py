@@ -60,38 +60,45 @@ def test_speeches_split_rule_keeps_each_speaker_in_one_split(monkeypatch):
 
 def _study3(monkeypatch):
     monkeypatch.syspath_prepend(str(STUDY_DIR))
-    for name in ("study3", "report3", "report", "runs", "tasks"):
+    for name in ("study3", "design3", "report3", "report", "runs", "tasks"):
         sys.modules.pop(name, None)
     import study3
 
     return study3
 
 
+def _design3(monkeypatch):
+    _study3(monkeypatch)
+    import design3
+
+    return design3
+
+
 def test_study3_queue_order_plans_grids_then_finals_by_seed(tmp_path, monkeypatch):
     """Plans of every task, then every task's grid, then every task's seed-0 finals, then seed 1; a final
     appears once its arm's grid is complete, at the rate with the lowest validation loss."""
-    study3 = _study3(monkeypatch)
+    design3 = _design3(monkeypatch)
     from runs import run_key
 
-    settings = dataclasses.replace(study3.QUICK, full_lrs=(1e-3, 3e-3), lora_lrs=(1e-2, 3e-2))
+    settings = dataclasses.replace(design3.QUICK, full_lrs=(1e-3, 3e-3), lora_lrs=(1e-2, 3e-2))
     tasks = ["code", "speeches"]
-    jobs, complete = study3.job_list(tasks, settings, tmp_path, {})
+    jobs, complete = design3.job_list(tasks, settings, tmp_path, {})
     assert [j.stage for j in jobs] == ["plans", "plans"] and not complete
     plans = {"num_layers": 6, "plans": {"gain_share/cosine": {"boundary": 3}, "salf/cosine": {"boundary": 4}}}
     for task in tasks:
         (tmp_path / f"plans_{task}.json").write_text(json.dumps(plans))
-    jobs, complete = study3.job_list(tasks, settings, tmp_path, {})
+    jobs, complete = design3.job_list(tasks, settings, tmp_path, {})
     grid = [j for j in jobs if j.stage == "grid"]
     assert not complete and [j.stage for j in jobs] == ["plans"] * 2 + ["grid"] * len(grid)
     # arms training alike share their runs: default (k=3) = freeze half (k=3); full, shallow k=2, salf k=4,
     # LoRA and the two moving arms make 7 configurations per task, each at every rate of its grid
-    assert len({(j.task, study3.config_key(j.arm)) for j in grid}) == 2 * 7
+    assert len({(j.task, design3.config_key(j.arm)) for j in grid}) == 2 * 7
     assert len(grid) == 2 * (6 * 2 + 2)
     runs = {}
     for job in grid:
         loss = 1.0 if job.arm.lr in (settings.full_lrs[-1], settings.lora_lrs[-1]) else 2.0
         runs[job.key] = {"key": job.key, "stage": "grid", "rows": [{"validation_loss": loss}]}
-    jobs, complete = study3.job_list(tasks, settings, tmp_path, runs)
+    jobs, complete = design3.job_list(tasks, settings, tmp_path, runs)
     finals = [j for j in jobs if j.stage == "final"]
     assert complete and [j.stage for j in jobs[-len(finals):]] == ["final"] * len(finals)
     assert [j.seed for j in finals] == [0] * 14 + [1] * 14
@@ -101,7 +108,7 @@ def test_study3_queue_order_plans_grids_then_finals_by_seed(tmp_path, monkeypatc
     # a diverged grid run (no rows) is never the chosen rate
     first = next(j for j in grid if j.arm.boundary is None and j.arm.lr == settings.full_lrs[-1])
     runs[first.key] = {"key": first.key, "stage": "grid", "rows": [], "failed": "nan"}
-    jobs, _ = study3.job_list(tasks, settings, tmp_path, runs)
+    jobs, _ = design3.job_list(tasks, settings, tmp_path, runs)
     assert {j.arm.lr for j in jobs if j.stage == "final" and j.arm.boundary is None and j.task == "code"} == {
         settings.full_lrs[0]}
 
@@ -109,22 +116,22 @@ def test_study3_queue_order_plans_grids_then_finals_by_seed(tmp_path, monkeypatc
 def test_study3_grid_grows_past_an_edge_where_the_best_rate_lies(tmp_path, monkeypatch):
     """A best rate at the grid's edge adds the next half-decade past it (at most grid_extend times a side); the
     final waits for the grown grid and takes its best rate."""
-    study3 = _study3(monkeypatch)
+    design3 = _design3(monkeypatch)
 
-    assert study3.half_decade(3e-5, up=False) == 1e-5 and study3.half_decade(1e-5, up=False) == 3e-6
-    assert study3.half_decade(3e-4, up=True) == 1e-3 and study3.half_decade(1e-3, up=True) == 3e-3
+    assert design3.half_decade(3e-5, up=False) == 1e-5 and design3.half_decade(1e-5, up=False) == 3e-6
+    assert design3.half_decade(3e-4, up=True) == 1e-3 and design3.half_decade(1e-3, up=True) == 3e-3
     with pytest.raises(ValueError, match="ladder"):
-        study3.half_decade(2e-4, up=True)
-    settings = dataclasses.replace(study3.QUICK, full_lrs=(3e-5, 1e-4, 3e-4), lora_lrs=(1e-2,), grid_extend=2,
+        design3.half_decade(2e-4, up=True)
+    settings = dataclasses.replace(design3.QUICK, full_lrs=(3e-5, 1e-4, 3e-4), lora_lrs=(1e-2,), grid_extend=2,
                                    seeds=(0,))
     plans = {"num_layers": 6, "plans": {"gain_share/cosine": {"boundary": 3}, "salf/cosine": {"boundary": 3}}}
     (tmp_path / "plans_code.json").write_text(json.dumps(plans))
-    full = study3.arms_for(plans, settings.moving)["full"]
+    full = design3.arms_for(plans, settings.moving)["full"]
     loss = {3e-6: 1.2, 1e-5: 1.0, 3e-5: 1.5, 1e-4: 2.0, 3e-4: 3.0}  # best below the base grid, inside after one step
     runs = {}
 
     def full_jobs():
-        jobs, _ = study3.job_list(["code"], settings, tmp_path, runs)
+        jobs, _ = design3.job_list(["code"], settings, tmp_path, runs)
         return [j for j in jobs if j.arm is not None and j.arm.boundary is None and not j.arm.lora]
 
     for expected in ((3e-5, 1e-4, 3e-4), (1e-5, 3e-5, 1e-4, 3e-4), (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)):
@@ -133,14 +140,14 @@ def test_study3_grid_grows_past_an_edge_where_the_best_rate_lies(tmp_path, monke
         assert not [j for j in full_jobs() if j.stage == "final"]  # no final while the grid may still grow
         for job in grid:
             runs[job.key] = {"key": job.key, "stage": "grid", "rows": [{"validation_loss": loss[job.arm.lr]}]}
-    assert study3.lr_grid(full, settings, runs, "code") == (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)
+    assert design3.lr_grid(full, settings, runs, "code") == (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)
     assert [j.arm.lr for j in full_jobs() if j.stage == "final"] == [1e-5]
     # at most grid_extend steps a side: a best rate still at the edge then stays there
     lowest = next(j for j in full_jobs() if j.stage == "grid" and j.arm.lr == 3e-6)
     runs[lowest.key] = {"key": lowest.key, "stage": "grid", "rows": [{"validation_loss": 0.5}]}
-    assert study3.lr_grid(full, settings, runs, "code")[0] == 3e-6  # no third step down
-    assert study3.chosen_lr(runs, "code", full, settings) == 3e-6
-    assert study3.lr_grid(full, dataclasses.replace(settings, grid_extend=0), runs, "code") == (3e-5, 1e-4, 3e-4)
+    assert design3.lr_grid(full, settings, runs, "code")[0] == 3e-6  # no third step down
+    assert design3.chosen_lr(runs, "code", full, settings) == 3e-6
+    assert design3.lr_grid(full, dataclasses.replace(settings, grid_extend=0), runs, "code") == (3e-5, 1e-4, 3e-4)
 
 
 def test_study3_reach_interpolates_and_says_not_reached(monkeypatch):
@@ -218,19 +225,19 @@ def test_study3_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
 
 def test_study3_savings_reads_full_fine_tunings_best_validation_off_common_seeds(tmp_path, monkeypatch):
     """The headline figure: compute to reach full fine-tuning's best validation loss, as a share of full's."""
-    study3 = _study3(monkeypatch)
+    design3 = _design3(monkeypatch)
     import report3
     from runs import run_key
 
-    settings = study3.QUICK
+    settings = design3.QUICK
     (tmp_path / "settings.json").write_text(json.dumps(settings.to_dict()))
     plans = {"num_layers": 6, "plans": {"gain_share/cosine": {"boundary": 3}, "salf/cosine": {"boundary": 4}},
              "baseline": {"validation": {"loss": 4.0}, "test": {"loss": 4.0}}}
     (tmp_path / "plans_code.json").write_text(json.dumps(plans))
-    arms = study3.arms_for(plans, settings.moving)
+    arms = design3.arms_for(plans, settings.moving)
     runs = {}
     for arm in arms.values():
-        for lr in study3.lr_grid(arm, settings):
+        for lr in design3.lr_grid(arm, settings):
             key = run_key("code", dataclasses.replace(arm, lr=lr), 0, settings.grid_share * settings.budget)
             runs[key] = {"key": key, "stage": "grid", "rows": [{"validation_loss": 1.0}]}
 
@@ -288,3 +295,24 @@ def test_speeches_rows_come_from_every_part_of_the_texts(monkeypatch, char_token
     assert max(where[r][1] for r in few) >= 8  # not only the first rows of each text
     assert few == [tuple(r.tolist()) for b in tasks.chunk_batches(tokenizer, texts, 4, 2, 24, seed=0)
                    for r in b["input_ids"]]  # deterministic
+
+
+def test_study_claims_name_their_live_owner_only(tmp_path, monkeypatch):
+    """A run claimed by this process names it; a released run or one whose owner died names nobody and can be
+    claimed again (how the report says what is in progress, and how a dead shard's job is taken over)."""
+    import os
+    import subprocess
+
+    _study3(monkeypatch)
+    from runs import claim, claimed_by, release
+
+    assert claimed_by(tmp_path, "a") is None
+    assert claim(tmp_path, "a") and claimed_by(tmp_path, "a") == os.getpid()
+    assert not claim(tmp_path, "a")  # held by a live process
+    release(tmp_path, "a")
+    assert claimed_by(tmp_path, "a") is None
+    assert claim(tmp_path, "b")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    next((tmp_path / ".claims").iterdir()).write_text(str(child.pid))
+    assert claimed_by(tmp_path, "b") is None and claim(tmp_path, "b") and claimed_by(tmp_path, "b") == os.getpid()
