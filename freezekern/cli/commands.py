@@ -113,8 +113,8 @@ def cmd_analyze(args) -> int:
 
 
 EVIDENCE = ("\nwhat the evidence says (docs/results.md): at short budgets (10-24 full-step equivalents) freezing half "
-            "the blocks beat this boundary on every task of the quality study; at 150 (study v3, first reading: two "
-            "seeds of three tasks, one of the fourth) full fine-tuning led on validation, this boundary came next "
+            "the blocks beat this boundary on every task of the quality study; at 150 (study v3: four tasks, two "
+            "seeds each) full fine-tuning led on validation, this boundary came next "
             "among the freezing rules and reached full fine-tuning's best validation loss on one task (classify, "
             "48 % of its compute), a moving boundary (--moving) on another (code, 58 %). So the default "
             "(FreezeKernCallback(), finetune) does not freeze runs of up to 150 steps and freezes at this boundary "
