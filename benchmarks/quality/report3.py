@@ -492,7 +492,7 @@ def end_of_budget_table(views: list[TaskView]) -> list[str]:
     names = list(dict.fromkeys(n for v in views for n in v.arms))
     lines = ["## At the end of the budget", "",
              "Validation / test loss at 100 % of the budget, each arm at its rate chosen on validation, the mean "
-             "over the seeds finished (\"n seed(s)\" where fewer than the study's):", "",
+             "over the seeds finished (their count in brackets where fewer than the study's):", "",
              "| arm | " + " | ".join(v.task for v in views) + " |", "|---" * (len(views) + 1) + "|"]
     for name in names:
         cells = []

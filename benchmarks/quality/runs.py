@@ -43,11 +43,8 @@ def claim(out: Path, key: str) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        try:
-            pid = int(path.read_text() or 0)
-        except (OSError, ValueError):
-            return False
-        if not pid or _alive(pid):  # 0: the owner has created the file and not yet written its pid
+        pid = _holder(path)
+        if pid is None or not pid or _alive(pid):  # 0: the owner has created the file, not yet written its pid
             return False
         path.unlink(missing_ok=True)
         return claim(out, key)
@@ -57,12 +54,18 @@ def claim(out: Path, key: str) -> bool:
 
 
 def claimed_by(out: Path, key: str) -> int | None:
-    """The pid of the live process that holds the run ``key``, or None (unclaimed, or its owner died)."""
+    """The pid of the live process that holds the run ``key``, or None: unclaimed, its owner died, or a claim
+    so fresh that its owner has not yet written its pid (which ``claim`` still treats as held)."""
+    pid = _holder(_claim_path(out, key))
+    return pid if pid and _alive(pid) else None
+
+
+def _holder(path: Path) -> int | None:
+    """The pid written in the claim file ``path`` (0: created, not yet written), or None where unreadable."""
     try:
-        pid = int(_claim_path(out, key).read_text() or 0)
+        return int(path.read_text() or 0)
     except (OSError, ValueError):
         return None
-    return pid if pid and _alive(pid) else None
 
 
 def release(out: Path, key: str) -> None:

@@ -31,6 +31,10 @@ grid, the grid grows by a half-decade past it (1e-5 below 3e-5, 1e-3 above
 then the whole budget at that rate, seeds 0 and 1. Test is only reported,
 never used for a choice.
 
+The settings, the arms, the rate grid and the queue's order are defined in
+``design3.py`` (read by this script and by ``report3.py``); this script
+traces, trains and records.
+
 One global queue, in this order: every task's plans; every task's grid;
 the finals at seed 0 (code, chat, classify, speeches); then at seed 1. A
 job enters the queue when what it needs is done (a final: its arm's whole
@@ -65,6 +69,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from design3 import ALL_TASKS, FULL, QUICK, Job, Settings, arms_for, job_list  # noqa: E402
+from report3 import write_report  # noqa: E402
 from runs import claim, load_runs, release  # noqa: E402
 
 import freezekern as fk  # noqa: E402
@@ -248,8 +253,6 @@ def main(argv=None) -> int:
         log(f"shard {args.shard}: {settings.budget:g} full-step equivalents per final run, tasks "
             f"{', '.join(args.tasks)}, {torch.get_num_threads()} thread(s) on {device}")
         work(model, tokenizer, args.tasks, settings, out)
-    from report3 import write_report
-
     write_report(out)
     log(f"wrote {out / 'results.md'}")
     return 0

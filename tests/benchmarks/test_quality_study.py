@@ -68,10 +68,20 @@ def _study3(monkeypatch):
 
 
 def _design3(monkeypatch):
-    _study3(monkeypatch)
+    monkeypatch.syspath_prepend(str(STUDY_DIR))
+    for name in ("study3", "design3", "report3", "report", "runs", "tasks"):
+        sys.modules.pop(name, None)
     import design3
 
     return design3
+
+
+def test_study3_report_and_design_import_without_the_training_script(monkeypatch):
+    """The design is read by the study and its report; neither the design nor the report needs study3."""
+    _design3(monkeypatch)
+    import report3  # noqa: F401
+
+    assert "study3" not in sys.modules
 
 
 def test_study3_queue_order_plans_grids_then_finals_by_seed(tmp_path, monkeypatch):
@@ -245,7 +255,7 @@ def test_study3_savings_reads_full_fine_tunings_best_validation_off_common_seeds
         arm = dataclasses.replace(arms[name], lr=settings.full_lrs[0] if not arms[name].lora else settings.lora_lrs[0])
         key = run_key("code", arm, seed, settings.budget)
         rows = [{"fraction": x / 4, "flops": float(x), "seconds": 2.0 * x, "steps": x, "validation_loss": y,
-                 "test_loss": y} for x, y in zip((1, 2, 3, 4), losses)]
+                 "test_loss": y + 0.5} for x, y in zip((1, 2, 3, 4), losses)]
         runs[key] = {"key": key, "stage": "final", "seed": seed, "rows": rows}
 
     final("full", 0, [3.0, 2.0, 1.5, 1.6])  # best 1.5 at 3 full-step equivalents
@@ -264,8 +274,8 @@ def test_study3_savings_reads_full_fine_tunings_best_validation_off_common_seeds
     assert both["seeds"] == [0, 1] and both["target"] == pytest.approx(1.85) and both["share"] == 1.0
     table = report3.end_of_budget_table([view])
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table if line.startswith("| ")}
-    assert rows["full"] == "| full | 1.850 / 1.850 |"  # mean of 1.6 and 2.1 over both seeds
-    assert rows["freeze half"] == "| freeze half | 1.300 / 1.300 (1 seed) |"
+    assert rows["full"] == "| full | 1.850 / 2.350 |"  # validation / test, mean of seeds 0 and 1
+    assert rows["freeze half"] == "| freeze half | 1.300 / 1.800 (1 seed) |"
     assert rows["default"] == rows["freeze half"].replace("freeze half", "default")  # trains alike
     assert rows["salf"] == "| salf | – |"
     plans["baseline"]["validation"]["loss"] = 1.0  # full fine-tuning never beats the untrained model
