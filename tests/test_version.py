@@ -1,5 +1,5 @@
-"""The package version has two homes the build cannot merge (pyproject.toml for the build, freezekern.version
-for the code); they must agree."""
+"""The package version is written twice (pyproject.toml for the build, freezekern.version for the code); the
+two must agree."""
 
 import re
 from pathlib import Path

@@ -497,8 +497,8 @@ def end_of_budget_table(views: list[TaskView]) -> list[str]:
     for name in names:
         cells = []
         for view in views:
-            val = view.at(name, "validation", 1.0) if name in view.arms else None
-            test = view.at(name, "test", 1.0) if name in view.arms else None
+            val, test = ((view.at(name, "validation", 1.0), view.at(name, "test", 1.0)) if name in view.arms
+                         else (None, None))
             if val is None or test is None:
                 cells.append("–")
                 continue

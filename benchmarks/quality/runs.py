@@ -44,7 +44,7 @@ def claim(out: Path, key: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         pid = _holder(path)
-        if pid is None or not pid or _alive(pid):  # 0: the owner has created the file, not yet written its pid
+        if not pid or _alive(pid):  # None: unreadable; 0: the owner has created the file, not yet written its pid
             return False
         path.unlink(missing_ok=True)
         return claim(out, key)

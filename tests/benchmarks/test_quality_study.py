@@ -58,22 +58,20 @@ def test_speeches_split_rule_keeps_each_speaker_in_one_split(monkeypatch):
         tasks.split_speakers(["a", "b", "c"])
 
 
-def _study3(monkeypatch):
+def _fresh(monkeypatch, module: str):
+    """``module`` of benchmarks/quality imported anew, with none of study v3's modules left from another test."""
     monkeypatch.syspath_prepend(str(STUDY_DIR))
     for name in ("study3", "design3", "report3", "report", "runs", "tasks"):
         sys.modules.pop(name, None)
-    import study3
+    return importlib.import_module(module)
 
-    return study3
+
+def _study3(monkeypatch):
+    return _fresh(monkeypatch, "study3")
 
 
 def _design3(monkeypatch):
-    monkeypatch.syspath_prepend(str(STUDY_DIR))
-    for name in ("study3", "design3", "report3", "report", "runs", "tasks"):
-        sys.modules.pop(name, None)
-    import design3
-
-    return design3
+    return _fresh(monkeypatch, "design3")
 
 
 def test_study3_report_and_design_import_without_the_training_script(monkeypatch):
